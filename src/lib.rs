@@ -1,4 +1,175 @@
 //! cochat: the process and its adapters. `run(settings, listener)` starts the real server on a
 //! listener the caller bound, so integration tests start exactly what production runs.
 
+pub mod auth;
+pub mod error;
+pub mod http;
+pub mod logging;
+pub mod metrics;
+pub mod rate;
+pub mod settings;
+pub mod state;
 pub mod store;
+pub mod ws;
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::Actor;
+use actix_web::{web, App, HttpServer};
+use anyhow::Context as _;
+use cochat_actors::commit::{Committer, CommitterConfig};
+use cochat_actors::ports::RoomLog;
+use cochat_actors::registry::RoomRegistry;
+use cochat_actors::room::{RoomConfig, RoomDeps};
+
+use crate::auth::{load_or_generate_secret, TokenKeys};
+use crate::metrics::Metrics;
+use crate::settings::Settings;
+use crate::state::AppState;
+
+/// Serves until SIGTERM or Ctrl-C, then drains (see `drain`).
+pub async fn run(settings: Settings, listener: TcpListener) -> anyhow::Result<()> {
+    run_until(settings, listener, shutdown_signal()).await
+}
+
+/// Serves until `shutdown` completes, then drains. Must run inside an actix `System`.
+pub async fn run_until(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let settings = Arc::new(settings);
+    let store_url = settings.store_url();
+    let store = store::open(&store_url)
+        .await
+        .with_context(|| format!("opening the store at {}", redact_url(&store_url)))?;
+    let secret = load_or_generate_secret(settings.jwt_secret.as_deref(), &settings.data_dir)
+        .context("preparing the JWT secret")?;
+    let tokens = TokenKeys::new(&secret, settings.token_ttl);
+    let metrics = Arc::new(Metrics::new(&settings.node_id).context("registering metrics")?);
+
+    // SQLite has a single writer: parallel transactions would only wait on each other.
+    let shards = if store_url.starts_with("sqlite") { 1 } else { settings.store_writers };
+    let log: Arc<dyn RoomLog> = store.clone();
+    let committer = Committer::start(
+        log.clone(),
+        CommitterConfig {
+            shards,
+            max_batch: settings.store_batch,
+            queue: 8192,
+        },
+        metrics.clone(),
+    );
+    let deps = RoomDeps {
+        log,
+        committer: committer.clone(),
+        telemetry: metrics.clone(),
+        config: RoomConfig {
+            broadcast_capacity: settings.room_buffer,
+            idle_timeout: settings.room_idle,
+        },
+    };
+    let registry = RoomRegistry::new(deps).start();
+    let state = web::Data::new(AppState::new(
+        settings.clone(),
+        store,
+        registry,
+        committer,
+        tokens,
+        metrics,
+    ));
+
+    let address = listener.local_addr().context("reading the listener's address")?;
+    let body_limit = settings.limits.http_body_bytes;
+    let app_state = state.clone();
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .app_data(app_state.clone())
+            .configure(|cfg| http::routes(cfg, body_limit))
+    })
+    // We drain ourselves on SIGTERM (readiness first, sockets closed over a window).
+    .disable_signals()
+    .shutdown_timeout(settings.drain_window.as_secs() + 10)
+    .listen(listener)
+    .context("listening")?;
+    if settings.workers > 0 {
+        server = server.workers(settings.workers);
+    }
+    let server = server.run();
+    let handle = server.handle();
+    let serving = actix_web::rt::spawn(server);
+    tracing::info!(%address, node = %settings.node_id, store = %redact_url(&store_url), "cochat is serving");
+
+    shutdown.await;
+    drain(&state, &handle).await;
+    serving.await.context("server task")?.context("server")?;
+    tracing::info!("cochat stopped");
+    Ok(())
+}
+
+/// Readiness goes false at once; sockets close with 1012 at random points over the drain window
+/// so their reconnects spread over the other nodes; writes in flight commit; then the server stops.
+async fn drain(state: &AppState, handle: &actix_web::dev::ServerHandle) {
+    let window = state.settings.drain_window;
+    tracing::info!(?window, "draining");
+    state.metrics.draining.set(1);
+    state.drain.send_replace(Some(window));
+    let deadline = Instant::now() + window + Duration::from_secs(2);
+    while state.metrics.connections.get() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if !state.committer.drain(Duration::from_secs(5)).await {
+        tracing::warn!(in_flight = state.committer.in_flight(), "writes still in flight at shutdown");
+    }
+    handle.stop(true).await;
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutdown signal received");
+}
+
+/// A URL for logs: the password, if any, replaced.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{}:***{}", &url[..scheme + 3], user, &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn urls_lose_their_password_in_logs() {
+        assert_eq!(super::redact_url("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(super::redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(super::redact_url("sqlite://./data/cochat.db"), "sqlite://./data/cochat.db");
+    }
+}

@@ -133,7 +133,7 @@ async fn run_shard(
         let count = writes.len();
         let started = Instant::now();
         let outcome = log.append(writes).await;
-        telemetry.commit_batch(count, started.elapsed());
+        telemetry.commit_batch(count, started.elapsed(), outcome.is_ok());
         match outcome {
             Ok(results) if results.len() == count => {
                 for (reply, result) in replies.into_iter().zip(results) {

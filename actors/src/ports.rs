@@ -200,8 +200,9 @@ pub trait Store: RoomLog {
 /// Measurements the actors report; the server maps them onto Prometheus metrics.
 /// Every method has an empty default so fakes and tests implement nothing.
 pub trait Telemetry: Send + Sync + 'static {
-    /// One group commit: how many writes it carried and how long the transaction took.
-    fn commit_batch(&self, _writes: usize, _elapsed: std::time::Duration) {}
+    /// One group commit: how many writes it carried, how long the transaction took, whether it
+    /// committed.
+    fn commit_batch(&self, _writes: usize, _elapsed: std::time::Duration, _committed: bool) {}
     /// A durable event left a Room for its local subscribers, `lag` after it was committed.
     fn event_delivered(&self, _lag: std::time::Duration) {}
     /// A Room actor started (`+1`) or stopped (`-1`).

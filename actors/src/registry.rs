@@ -116,13 +116,28 @@ where
     Room: Handler<M>,
     <Room as Actor>::Context: ToEnvelope<Room, M>,
 {
+    ask_room_at(registry, room, msg).await.map(|(_, answer)| answer)
+}
+
+/// Like `ask_room`, and also returns the actor that answered (sessions keep it).
+pub async fn ask_room_at<M>(
+    registry: &Addr<RoomRegistry>,
+    room: &RoomId,
+    msg: M,
+) -> Result<(Addr<Room>, M::Result), DomainError>
+where
+    M: Message + Send + Clone + 'static,
+    M::Result: Send,
+    Room: Handler<M>,
+    <Room as Actor>::Context: ToEnvelope<Room, M>,
+{
     for attempt in 0..3u64 {
         let addr = registry
             .send(GetRoom { room: room.clone() })
             .await
             .map_err(|_| unreachable_room())?;
         match addr.send(msg.clone()).await {
-            Ok(answer) => return Ok(answer),
+            Ok(answer) => return Ok((addr, answer)),
             Err(_) => tokio::time::sleep(Duration::from_millis(20 * (attempt + 1))).await,
         }
     }

@@ -1,0 +1,66 @@
+//! What every handler and session shares: the store, the room registry, the token keys, metrics,
+//! the drain signal. Built once in `run` and handed to actix-web as `web::Data`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Addr;
+use cochat_actors::commit::Committer;
+use cochat_actors::ids::SessionId;
+use cochat_actors::ports::Store;
+use cochat_actors::registry::RoomRegistry;
+use tokio::sync::watch;
+
+use crate::auth::TokenKeys;
+use crate::metrics::Metrics;
+use crate::rate::KeyedLimiter;
+use crate::settings::Settings;
+
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub store: Arc<dyn Store>,
+    pub registry: Addr<RoomRegistry>,
+    pub committer: Committer,
+    pub tokens: TokenKeys,
+    pub metrics: Arc<Metrics>,
+    /// `Some(window)` once the node drains: sessions close at a random point within `window`.
+    pub drain: watch::Sender<Option<Duration>>,
+    /// HTTP writes and auth attempts, per caller.
+    pub http_limiter: KeyedLimiter,
+    next_session: AtomicU64,
+}
+
+impl AppState {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        settings: Arc<Settings>,
+        store: Arc<dyn Store>,
+        registry: Addr<RoomRegistry>,
+        committer: Committer,
+        tokens: TokenKeys,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let limits = &settings.limits;
+        let http_limiter = KeyedLimiter::new(limits.rate_per_s, limits.rate_burst);
+        Self {
+            settings,
+            store,
+            registry,
+            committer,
+            tokens,
+            metrics,
+            drain: watch::channel(None).0,
+            http_limiter,
+            next_session: AtomicU64::new(1),
+        }
+    }
+
+    pub fn new_session_id(&self) -> SessionId {
+        SessionId(self.next_session.fetch_add(1, Ordering::Relaxed))
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.drain.borrow().is_some()
+    }
+}
