@@ -73,18 +73,32 @@ impl Committer {
         }
     }
 
-    /// Commits one write and answers once the transaction that carries it has committed.
-    pub async fn submit(&self, write: Write) -> WriteResult {
+    /// Queues one write now (so writes queued one after another commit in that order) and
+    /// returns where its answer will arrive, once the transaction carrying it has committed.
+    /// A full queue is refused at once rather than buffered without bound.
+    pub fn enqueue(&self, write: Write) -> Result<oneshot::Receiver<WriteResult>, DomainError> {
         let shard = &self.shards[shard_of(&write, self.shards.len())];
         let (reply, answer) = oneshot::channel();
         self.in_flight.fetch_add(1, Ordering::SeqCst);
-        if shard.send(Pending { write, reply }).await.is_err() {
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
-            return Err(DomainError::new(ErrorCode::ShuttingDown, "the server is shutting down"));
+        match shard.try_send(Pending { write, reply }) {
+            Ok(()) => Ok(answer),
+            Err(error) => {
+                self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                Err(match error {
+                    mpsc::error::TrySendError::Full(_) => {
+                        DomainError::new(ErrorCode::StoreUnavailable, "the store is busy, retry")
+                    }
+                    mpsc::error::TrySendError::Closed(_) => {
+                        DomainError::new(ErrorCode::ShuttingDown, "the server is shutting down")
+                    }
+                })
+            }
         }
-        answer.await.unwrap_or_else(|_| {
-            Err(DomainError::new(ErrorCode::StoreUnavailable, "the write was abandoned"))
-        })
+    }
+
+    /// Commits one write and answers once the transaction that carries it has committed.
+    pub async fn submit(&self, write: Write) -> WriteResult {
+        answer_of(self.enqueue(write)?).await
     }
 
     /// Writes submitted and not yet answered.
@@ -103,6 +117,13 @@ impl Committer {
         }
         true
     }
+}
+
+/// Waits for an enqueued write's answer.
+pub async fn answer_of(answer: oneshot::Receiver<WriteResult>) -> WriteResult {
+    answer.await.unwrap_or_else(|_| {
+        Err(DomainError::new(ErrorCode::StoreUnavailable, "the write was abandoned"))
+    })
 }
 
 fn shard_of(write: &Write, shards: usize) -> usize {

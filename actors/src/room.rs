@@ -14,11 +14,11 @@ use actix::prelude::*;
 use bytestring::ByteString;
 use tokio::sync::broadcast;
 
-use crate::commit::Committer;
+use crate::commit::{answer_of, Committer};
 use crate::error::{DomainError, ErrorCode};
 use crate::event::{EventBody, StoredEvent, UserRef};
 use crate::ids::{Role, RoomId, Seq, SessionId, UserId};
-use crate::ports::{Command, RoomLog, Telemetry, Write, WriteResult};
+use crate::ports::{Applied, Command, RoomLog, Telemetry, Write, WriteResult};
 use crate::protocol::{Presence, ServerFrame};
 use crate::registry::{RoomRegistry, RoomStopped};
 use crate::time::Timestamp;
@@ -374,35 +374,61 @@ pub struct Submit {
     pub command: Command,
 }
 
+impl Room {
+    /// Authorises the command and queues it for commit now, in mailbox order; the returned
+    /// future answers after the commit, having fed the new event to `accept`.
+    fn start_write(&mut self, actor: &UserId, command: Command) -> ResponseActFuture<Self, WriteResult> {
+        self.last_activity = Instant::now();
+        let queued = self.authorise(actor, command).and_then(|command| {
+            self.deps.committer.enqueue(Write {
+                room: self.id.clone(),
+                command,
+            })
+        });
+        let answer = match queued {
+            Ok(answer) => answer,
+            Err(error) => return Box::pin(fut::ready(Err(error))),
+        };
+        self.writes_in_flight += 1;
+        Box::pin(answer_of(answer).into_actor(self).map(|result, room, ctx| {
+            room.writes_in_flight -= 1;
+            room.last_activity = Instant::now();
+            if let Ok(Applied { event: Some(event), .. }) = &result {
+                room.accept(event.clone(), ctx);
+            }
+            result
+        }))
+    }
+}
+
 impl Handler<Submit> for Room {
     type Result = ResponseActFuture<Self, WriteResult>;
 
     fn handle(&mut self, msg: Submit, _ctx: &mut Self::Context) -> Self::Result {
-        self.last_activity = Instant::now();
-        let command = match self.authorise(&msg.actor, msg.command) {
-            Ok(command) => command,
-            Err(error) => return Box::pin(fut::ready(Err(error))),
-        };
-        self.writes_in_flight += 1;
-        let committer = self.deps.committer.clone();
-        let write = Write {
-            room: self.id.clone(),
-            command,
-        };
-        Box::pin(
-            async move { committer.submit(write).await }
-                .into_actor(self)
-                .map(|result, room, ctx| {
-                    room.writes_in_flight -= 1;
-                    room.last_activity = Instant::now();
-                    if let Ok(applied) = &result {
-                        if let Some(event) = &applied.event {
-                            room.accept(event.clone(), ctx);
-                        }
-                    }
-                    result
-                }),
-        )
+        self.start_write(&msg.actor, msg.command)
+    }
+}
+
+/// A durable command whose answer goes to `reply`. Sessions send it with `do_send`, which queues
+/// even when the mailbox is full, so one connection's writes reach the room, and so the log, in
+/// the order the client sent them.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SubmitOrdered {
+    pub actor: UserId,
+    pub command: Command,
+    pub reply: tokio::sync::oneshot::Sender<WriteResult>,
+}
+
+impl Handler<SubmitOrdered> for Room {
+    type Result = ();
+
+    fn handle(&mut self, msg: SubmitOrdered, ctx: &mut Self::Context) {
+        let reply = msg.reply;
+        let write = self.start_write(&msg.actor, msg.command);
+        ctx.spawn(write.map(move |result, _room, _ctx| {
+            let _ = reply.send(result);
+        }));
     }
 }
 

@@ -17,10 +17,12 @@ use cochat_actors::event::{Author, AuthorKind};
 use cochat_actors::ids::{MessageId, RoomId, Seq, SessionId};
 use cochat_actors::ports::Command;
 use cochat_actors::protocol::{parse_client_frame, ClientFrame, ParsedFrame, ServerFrame};
-use cochat_actors::registry::ask_room_at;
-use cochat_actors::room::{Join, Joined, Leave, Room, RoomFrame, Submit, Typing};
+use cochat_actors::commit::answer_of;
+use cochat_actors::registry::{ask_room_at, GetRoom};
+use cochat_actors::room::{unreachable_room, Join, Joined, Leave, Room, RoomFrame, SubmitOrdered, Typing};
 use futures_util::StreamExt;
 use serde_json::Value;
+use tokio::sync::oneshot;
 use tokio_stream::wrappers::{errors::BroadcastStreamRecvError, BroadcastStream};
 
 use crate::auth::AuthUser;
@@ -29,6 +31,19 @@ use crate::state::AppState;
 
 const MAX_CLIENT_MSG_ID: usize = 64;
 const MAX_EMOJI_BYTES: usize = 32;
+
+/// A command waiting for its room's address.
+struct PendingWrite {
+    reply_to: Option<Value>,
+    command: Command,
+}
+
+/// How this connection reaches a room's actor. While the address is being looked up, commands
+/// queue here so that none overtakes another.
+enum RoomLink {
+    Resolving(Vec<PendingWrite>),
+    Ready(Addr<Room>),
+}
 
 struct Subscription {
     room: Addr<Room>,
@@ -44,6 +59,7 @@ pub struct Session {
     user: AuthUser,
     state: Arc<AppState>,
     subs: HashMap<RoomId, Subscription>,
+    links: HashMap<RoomId, RoomLink>,
     generations: u64,
     last_heard: Instant,
     bucket: TokenBucket,
@@ -74,6 +90,7 @@ impl Session {
             user,
             state,
             subs: HashMap::new(),
+            links: HashMap::new(),
             generations: 0,
             last_heard: Instant::now(),
             strikes: 0,
@@ -213,6 +230,8 @@ impl Session {
         Ok(())
     }
 
+    /// Sends a durable command to the room so that this connection's commands reach the room,
+    /// and so the log, in the order the client sent them (see `RoomLink`).
     fn submit(
         &mut self,
         ctx: &mut ws::WebsocketContext<Self>,
@@ -220,22 +239,56 @@ impl Session {
         room: RoomId,
         command: Command,
     ) {
-        let registry = self.state.registry.clone();
-        let cached = self.subs.get(&room).map(|sub| sub.room.clone());
-        let msg = Submit {
-            actor: self.user.id.clone(),
-            command,
-        };
-        let target = room.clone();
-        let request = async move {
-            if let Some(addr) = cached {
-                if let Ok(answer) = addr.send(msg.clone()).await {
-                    return answer;
+        let pending = PendingWrite { reply_to, command };
+        match self.links.get_mut(&room) {
+            Some(RoomLink::Ready(addr)) if addr.connected() => {
+                let addr = addr.clone();
+                self.forward(ctx, &addr, room, pending);
+            }
+            Some(RoomLink::Resolving(queue)) => queue.push(pending),
+            _ => {
+                self.links.insert(room.clone(), RoomLink::Resolving(vec![pending]));
+                self.resolve_room(ctx, room);
+            }
+        }
+    }
+
+    fn resolve_room(&mut self, ctx: &mut ws::WebsocketContext<Self>, room: RoomId) {
+        let lookup = self.state.registry.send(GetRoom { room: room.clone() });
+        ctx.spawn(lookup.into_actor(self).map(move |result, session, ctx| {
+            let queued = match session.links.remove(&room) {
+                Some(RoomLink::Resolving(queued)) => queued,
+                Some(ready) => {
+                    session.links.insert(room.clone(), ready);
+                    Vec::new()
+                }
+                None => Vec::new(),
+            };
+            match result {
+                Ok(addr) => {
+                    session.links.insert(room.clone(), RoomLink::Ready(addr.clone()));
+                    for pending in queued {
+                        session.forward(ctx, &addr, room.clone(), pending);
+                    }
+                }
+                Err(_) => {
+                    for pending in queued {
+                        session.send_error(ctx, pending.reply_to, &unreachable_room(), Some(room.clone()));
+                    }
                 }
             }
-            ask_room_at(&registry, &target, msg).await.and_then(|(_, answer)| answer)
-        };
-        ctx.spawn(request.into_actor(self).map(move |result, session, ctx| match result {
+        }));
+    }
+
+    fn forward(&mut self, ctx: &mut ws::WebsocketContext<Self>, addr: &Addr<Room>, room: RoomId, pending: PendingWrite) {
+        let (reply, answer) = oneshot::channel();
+        addr.do_send(SubmitOrdered {
+            actor: self.user.id.clone(),
+            command: pending.command,
+            reply,
+        });
+        let reply_to = pending.reply_to;
+        ctx.spawn(answer_of(answer).into_actor(self).map(move |result, session, ctx| match result {
             Ok(applied) => session.send(
                 ctx,
                 &ServerFrame::Ack {
@@ -246,6 +299,8 @@ impl Session {
                     duplicate: applied.duplicate,
                 },
             ),
+            // A room that stopped under us drops the reply: the client retries with the same
+            // client_msg_id, which is idempotent.
             Err(error) => session.send_error(ctx, reply_to, &error, Some(room)),
         }));
     }
@@ -301,6 +356,9 @@ impl Session {
             if let Some(handle) = previous.stream {
                 ctx.cancel_future(handle);
             }
+        }
+        if !matches!(self.links.get(&room), Some(RoomLink::Resolving(_))) {
+            self.links.insert(room.clone(), RoomLink::Ready(addr.clone()));
         }
         self.subs.insert(
             room.clone(),
