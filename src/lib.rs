@@ -68,7 +68,9 @@ pub async fn run_until(
         committer: committer.clone(),
         telemetry: metrics.clone(),
         config: RoomConfig {
-            broadcast_capacity: settings.room_buffer,
+            // One group commit delivers up to a batch of events at once: a buffer smaller than
+            // that would cut off even readers that keep up.
+            broadcast_capacity: settings.room_buffer.max(settings.store_batch * 2),
             idle_timeout: settings.room_idle,
         },
     };

@@ -204,3 +204,18 @@ impl Ws {
         }
     }
 }
+
+impl Ws {
+    /// The next frame from the backlog or one already in flight, without waiting long; `None`
+    /// when nothing more comes (or the socket is gone).
+    pub async fn try_recv_buffered(&mut self) -> Option<Value> {
+        if let Some(frame) = self.backlog.pop_front() {
+            return Some(frame);
+        }
+        match tokio::time::timeout(Duration::from_millis(300), self.stream.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => serde_json::from_str(&text).ok(),
+            Ok(Some(Ok(_))) => Box::pin(self.try_recv_buffered()).await,
+            _ => None,
+        }
+    }
+}

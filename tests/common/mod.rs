@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod db;
+pub mod process;
 pub mod server;
 
 /// Runs an async test body against SQLite and, where reachable, Postgres:
