@@ -2,6 +2,7 @@
 //! listener the caller bound, so integration tests start exactly what production runs.
 
 pub mod auth;
+pub mod bus;
 pub mod error;
 pub mod http;
 pub mod logging;
@@ -22,7 +23,7 @@ use actix_web::{web, App, HttpServer};
 use anyhow::Context as _;
 use cochat_actors::commit::{Committer, CommitterConfig};
 use cochat_actors::ports::RoomLog;
-use cochat_actors::registry::RoomRegistry;
+use cochat_actors::registry::{route_bus_notice, RoomRegistry};
 use cochat_actors::room::{RoomConfig, RoomDeps};
 
 use crate::auth::{load_or_generate_secret, TokenKeys};
@@ -63,8 +64,10 @@ pub async fn run_until(
         },
         metrics.clone(),
     );
+    let (bus, notices) = bus::open(&settings, metrics.clone()).map_err(anyhow::Error::msg)?;
     let deps = RoomDeps {
         log,
+        bus: bus.clone(),
         committer: committer.clone(),
         telemetry: metrics.clone(),
         config: RoomConfig {
@@ -72,12 +75,23 @@ pub async fn run_until(
             // that would cut off even readers that keep up.
             broadcast_capacity: settings.room_buffer.max(settings.store_batch * 2),
             idle_timeout: settings.room_idle,
+            presence_interval: settings.presence_interval,
+            presence_ttl: settings.presence_ttl,
+            resync_interval: settings.resync_interval,
         },
     };
     let registry = RoomRegistry::new(deps).start();
+    let router = registry.clone();
+    actix_web::rt::spawn(async move {
+        let mut notices = notices;
+        while let Some(notice) = notices.recv().await {
+            route_bus_notice(&router, notice);
+        }
+    });
     let state = web::Data::new(AppState::new(
         settings.clone(),
         store,
+        bus,
         registry,
         committer,
         tokens,

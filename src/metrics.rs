@@ -23,6 +23,9 @@ pub struct Metrics {
     pub slow_consumers: IntCounter,
     pub ws_errors: IntCounterVec,
     pub draining: IntGauge,
+    pub bus_connected: IntGauge,
+    pub bus_published: IntCounter,
+    pub bus_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -76,6 +79,12 @@ impl Metrics {
             )?,
             ws_errors,
             draining: gauge("cochat_draining", "1 while this node drains for shutdown")?,
+            bus_connected: gauge("cochat_bus_connected", "1 while the Redis subscriber connection is up")?,
+            bus_published: counter("cochat_bus_published_total", "envelopes published to Redis")?,
+            bus_dropped: counter(
+                "cochat_bus_dropped_total",
+                "envelopes not published (Redis down or outbox full); other nodes repair from the log",
+            )?,
             registry,
         })
     }

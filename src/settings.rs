@@ -30,6 +30,8 @@ pub struct Settings {
     /// `sqlite://...` or `postgres://...`; `None` means SQLite in the data dir.
     pub database_url: Option<String>,
     pub redis_url: Option<String>,
+    /// Prefix of every Redis channel (several deployments or test runs can share one Redis).
+    pub redis_prefix: String,
     /// `None`: generated once and kept in the data dir.
     pub jwt_secret: Option<String>,
     pub node_id: String,
@@ -42,6 +44,11 @@ pub struct Settings {
     /// Frames a socket may fall behind its room before it is cut off as a slow consumer.
     pub room_buffer: usize,
     pub room_idle: Duration,
+    /// Presence snapshots between nodes: how often they are sent, how long one counts.
+    pub presence_interval: Duration,
+    pub presence_ttl: Duration,
+    /// How often an active room checks the log for events the bus lost (multi-node only; 0: off).
+    pub resync_interval: Duration,
     /// Parallel group-commit transactions (SQLite always uses one).
     pub store_writers: usize,
     pub store_batch: usize,
@@ -58,6 +65,7 @@ impl Settings {
             data_dir: PathBuf::from("./data"),
             database_url: None,
             redis_url: None,
+            redis_prefix: "cochat:".into(),
             jwt_secret: None,
             node_id: default_node_id(),
             token_ttl: Duration::from_secs(7 * 24 * 3600),
@@ -75,6 +83,9 @@ impl Settings {
             drain_window: Duration::from_secs(10),
             room_buffer: 4096,
             room_idle: Duration::from_secs(30),
+            presence_interval: Duration::from_secs(10),
+            presence_ttl: Duration::from_secs(25),
+            resync_interval: Duration::from_secs(10),
             store_writers: 2,
             store_batch: 512,
             json_logs: false,
@@ -126,6 +137,12 @@ impl Settings {
         secs("COCHAT_CLIENT_TIMEOUT_S", &mut s.client_timeout)?;
         secs("COCHAT_DRAIN_WINDOW_S", &mut s.drain_window)?;
         secs("COCHAT_ROOM_IDLE_S", &mut s.room_idle)?;
+        secs("COCHAT_PRESENCE_INTERVAL_S", &mut s.presence_interval)?;
+        secs("COCHAT_PRESENCE_TTL_S", &mut s.presence_ttl)?;
+        secs("COCHAT_RESYNC_S", &mut s.resync_interval)?;
+        if let Some(v) = get("COCHAT_REDIS_PREFIX") {
+            s.redis_prefix = v;
+        }
         let l = &mut s.limits;
         if let Some(n) = num("COCHAT_MAX_FRAME_BYTES")? {
             l.max_frame_bytes = n as usize;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Addr;
+use cochat_actors::bus::Bus;
 use cochat_actors::commit::Committer;
 use cochat_actors::ids::SessionId;
 use cochat_actors::ports::Store;
@@ -20,6 +21,7 @@ use crate::settings::Settings;
 pub struct AppState {
     pub settings: Arc<Settings>,
     pub store: Arc<dyn Store>,
+    pub bus: Arc<dyn Bus>,
     pub registry: Addr<RoomRegistry>,
     pub committer: Committer,
     pub tokens: TokenKeys,
@@ -36,6 +38,7 @@ impl AppState {
     pub fn new(
         settings: Arc<Settings>,
         store: Arc<dyn Store>,
+        bus: Arc<dyn Bus>,
         registry: Addr<RoomRegistry>,
         committer: Committer,
         tokens: TokenKeys,
@@ -46,6 +49,7 @@ impl AppState {
         Self {
             settings,
             store,
+            bus,
             registry,
             committer,
             tokens,

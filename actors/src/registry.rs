@@ -12,7 +12,8 @@ use actix::prelude::*;
 use crate::error::DomainError;
 use crate::event::StoredEvent;
 use crate::ids::RoomId;
-use crate::room::{unreachable_room, Deliver, Room, RoomDeps};
+use crate::bus::{BusNotice, BusPayload};
+use crate::room::{unreachable_room, Deliver, RemoteEphemeral, Resync, Room, RoomDeps};
 
 pub struct RoomRegistry {
     rooms: HashMap<RoomId, Addr<Room>>,
@@ -88,6 +89,61 @@ impl Handler<DeliverRemote> for RoomRegistry {
         if let Some(addr) = self.rooms.get(&msg.room) {
             addr.do_send(Deliver { events: msg.events });
         }
+    }
+}
+
+/// Typing and presence from another node, for the room if it is active here.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct DeliverEphemeral {
+    pub room: RoomId,
+    pub origin: String,
+    pub payload: BusPayload,
+}
+
+impl Handler<DeliverEphemeral> for RoomRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: DeliverEphemeral, _ctx: &mut Self::Context) {
+        if let Some(addr) = self.rooms.get(&msg.room) {
+            addr.do_send(RemoteEphemeral {
+                origin: msg.origin,
+                payload: msg.payload,
+            });
+        }
+    }
+}
+
+/// The bus reconnected: every active room fetches what it may have missed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ResyncAll;
+
+impl Handler<ResyncAll> for RoomRegistry {
+    type Result = ();
+
+    fn handle(&mut self, _msg: ResyncAll, _ctx: &mut Self::Context) {
+        for addr in self.rooms.values() {
+            addr.do_send(Resync);
+        }
+    }
+}
+
+/// Routes what the bus hands this node to the registry (and so to the rooms).
+pub fn route_bus_notice(registry: &Addr<RoomRegistry>, notice: BusNotice) {
+    match notice {
+        BusNotice::Reconnected => registry.do_send(ResyncAll),
+        BusNotice::Envelope(envelope) => match envelope.payload {
+            BusPayload::Event { event } => registry.do_send(DeliverRemote {
+                room: envelope.room,
+                events: vec![event],
+            }),
+            payload => registry.do_send(DeliverEphemeral {
+                room: envelope.room,
+                origin: envelope.origin,
+                payload,
+            }),
+        },
     }
 }
 

@@ -14,6 +14,7 @@ use actix::prelude::*;
 use bytestring::ByteString;
 use tokio::sync::broadcast;
 
+use crate::bus::{Bus, BusPayload};
 use crate::commit::{answer_of, Committer};
 use crate::error::{DomainError, ErrorCode};
 use crate::event::{EventBody, StoredEvent, UserRef};
@@ -33,6 +34,14 @@ pub struct RoomConfig {
     /// Frames a session may fall behind before it is cut off as a slow consumer.
     pub broadcast_capacity: usize,
     pub idle_timeout: Duration,
+    /// How often a room re-announces who is online here to the other nodes.
+    pub presence_interval: Duration,
+    /// How long another node's presence snapshot counts without being renewed (a dead node's
+    /// members go offline after at most this plus one check).
+    pub presence_ttl: Duration,
+    /// How often a room with subscribers checks the log for events the bus may have lost
+    /// (only when other nodes exist).
+    pub resync_interval: Duration,
 }
 
 impl Default for RoomConfig {
@@ -40,6 +49,9 @@ impl Default for RoomConfig {
         Self {
             broadcast_capacity: 4096,
             idle_timeout: Duration::from_secs(30),
+            presence_interval: Duration::from_secs(10),
+            presence_ttl: Duration::from_secs(25),
+            resync_interval: Duration::from_secs(10),
         }
     }
 }
@@ -63,6 +75,7 @@ pub type RoomFrames = broadcast::Receiver<Arc<RoomFrame>>;
 #[derive(Clone)]
 pub struct RoomDeps {
     pub log: Arc<dyn RoomLog>,
+    pub bus: Arc<dyn Bus>,
     pub committer: Committer,
     pub telemetry: Arc<dyn Telemetry>,
     pub config: RoomConfig,
@@ -80,7 +93,11 @@ pub struct Room {
     repair_scheduled: bool,
     frames: broadcast::Sender<Arc<RoomFrame>>,
     sessions: HashMap<SessionId, UserId>,
+    /// Sessions per user on this node.
     online: HashMap<UserId, usize>,
+    /// Other nodes' presence snapshots and when each stops counting.
+    remote_online: HashMap<String, (Vec<UserRef>, Instant)>,
+    fetching: bool,
     writes_in_flight: usize,
     last_activity: Instant,
 }
@@ -99,6 +116,8 @@ impl Room {
             frames,
             sessions: HashMap::new(),
             online: HashMap::new(),
+            remote_online: HashMap::new(),
+            fetching: false,
             writes_in_flight: 0,
             last_activity: Instant::now(),
         }
@@ -176,29 +195,108 @@ impl Room {
 
     fn repair_gap(&mut self, ctx: &mut Context<Self>) {
         self.repair_scheduled = false;
-        if self.waiting.is_empty() {
+        if !self.waiting.is_empty() {
+            self.fetch_missing(ctx);
+        }
+    }
+
+    /// Fetches from the log everything after the last delivered seq, page by page, and feeds it
+    /// to `accept`. Used for gaps, after the bus reconnects, and as a periodic safety net.
+    fn fetch_missing(&mut self, ctx: &mut Context<Self>) {
+        if self.fetching {
             return;
         }
+        self.fetching = true;
         let log = self.deps.log.clone();
         let room = self.id.clone();
         let after = self.delivered_seq;
         let fetch = async move { log.events_after(&room, after, GAP_REPAIR_LIMIT).await };
         ctx.spawn(fetch.into_actor(self).map(|result, room, ctx| {
+            room.fetching = false;
             match result {
                 Ok(events) => {
+                    let full_page = events.len() == GAP_REPAIR_LIMIT as usize;
                     for event in events {
                         room.accept(event, ctx);
                     }
+                    if full_page {
+                        room.fetch_missing(ctx);
+                    }
                 }
                 Err(error) => {
-                    tracing::warn!(room = %room.id, %error, "gap repair failed; retrying");
+                    tracing::warn!(room = %room.id, %error, "fetching missed events failed; retrying");
                     if !room.repair_scheduled {
                         room.repair_scheduled = true;
-                        ctx.run_later(GAP_REPAIR_DELAY * 5, |room, ctx| room.repair_gap(ctx));
+                        ctx.run_later(GAP_REPAIR_DELAY * 5, |room, ctx| {
+                            room.repair_scheduled = false;
+                            room.fetch_missing(ctx);
+                        });
                     }
                 }
             }
         }));
+    }
+
+    /// Everyone online in the room on any node (remote snapshots that have not expired).
+    fn online_users(&self) -> HashMap<UserId, UserRef> {
+        let mut users: HashMap<UserId, UserRef> = self
+            .online
+            .keys()
+            .map(|user| (user.clone(), self.user_ref(user)))
+            .collect();
+        let now = Instant::now();
+        for (snapshot, expires) in self.remote_online.values() {
+            if *expires > now {
+                for user in snapshot {
+                    users.entry(user.id.clone()).or_insert_with(|| user.clone());
+                }
+            }
+        }
+        users
+    }
+
+    /// Emits `presence` frames for every user whose online state differs between two views.
+    fn announce_presence_changes(&self, before: &HashMap<UserId, UserRef>, after: &HashMap<UserId, UserRef>) {
+        for (user, who) in after {
+            if !before.contains_key(user) {
+                self.broadcast_presence(who.clone(), Presence::Online);
+            }
+        }
+        for (user, who) in before {
+            if !after.contains_key(user) {
+                self.broadcast_presence(who.clone(), Presence::Offline);
+            }
+        }
+    }
+
+    fn broadcast_presence(&self, user: UserRef, status: Presence) {
+        self.broadcast_ephemeral(
+            ServerFrame::Presence {
+                room: self.id.clone(),
+                user,
+                status,
+            },
+            None,
+        );
+    }
+
+    /// Tells the other nodes who is online here (full snapshot).
+    fn publish_presence(&self) {
+        if self.deps.bus.shared() {
+            let online = self.online.keys().map(|user| self.user_ref(user)).collect();
+            self.deps.bus.publish(&self.id, BusPayload::Presence { online });
+        }
+    }
+
+    fn expire_remote_presence(&mut self) {
+        let now = Instant::now();
+        if self.remote_online.values().all(|(_, expires)| *expires > now) {
+            return;
+        }
+        let before = self.online_users();
+        self.remote_online.retain(|_, (_, expires)| *expires > now);
+        let after = self.online_users();
+        self.announce_presence_changes(&before, &after);
     }
 
     fn broadcast_ephemeral(&self, frame: ServerFrame, skip_user: Option<UserId>) {
@@ -208,17 +306,6 @@ impl Room {
             skip_user,
             revoke_user: None,
         }));
-    }
-
-    fn presence_changed(&self, user: &UserId, status: Presence) {
-        self.broadcast_ephemeral(
-            ServerFrame::Presence {
-                room: self.id.clone(),
-                user: self.user_ref(user),
-                status,
-            },
-            None,
-        );
     }
 
     /// Checks a command against the member cache and fills in what the caller's role decides.
@@ -261,15 +348,24 @@ impl Actor for Room {
         self.deps.telemetry.rooms_changed(1);
         // The room must know its members and head before it answers anyone, so the first load
         // holds the mailbox (ctx.wait) instead of racing the messages behind it.
+        // Subscribing to the bus BEFORE reading the head leaves no window: whatever is committed
+        // after the head was read arrives on the bus (or is fetched when a gap shows).
         let log = self.deps.log.clone();
+        let bus = self.deps.bus.clone();
         let room = self.id.clone();
         ctx.wait(
-            async move { log.room_state(&room).await }
+            async move {
+                bus.subscribe(&room).await;
+                log.room_state(&room).await
+            }
                 .into_actor(self)
                 .map(|result, room, ctx| match result {
                     Ok(Some(state)) => {
                         room.members = state.members;
                         room.delivered_seq = state.head_seq;
+                        if room.deps.bus.shared() {
+                            room.deps.bus.publish(&room.id, BusPayload::PresenceQuery);
+                        }
                     }
                     // A room that does not exist has no members: every request is refused with
                     // room_not_found, exactly like a room the caller is not in.
@@ -286,10 +382,32 @@ impl Actor for Room {
                 ctx.stop();
             }
         });
+        let config = self.deps.config;
+        ctx.run_interval(config.presence_interval, |room, _ctx| {
+            if !room.online.is_empty() {
+                room.publish_presence();
+            }
+        });
+        ctx.run_interval((config.presence_ttl / 5).max(Duration::from_millis(100)), |room, _ctx| {
+            room.expire_remote_presence();
+        });
+        if self.deps.bus.shared() && !config.resync_interval.is_zero() {
+            ctx.run_interval(config.resync_interval, |room, ctx| {
+                if !room.sessions.is_empty() {
+                    room.fetch_missing(ctx);
+                }
+            });
+        }
     }
 
     fn stopped(&mut self, ctx: &mut Self::Context) {
         self.deps.telemetry.rooms_changed(-1);
+        let bus = self.deps.bus.clone();
+        let room = self.id.clone();
+        // At process exit the runtime may already be gone; then there is nobody to tell.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { bus.unsubscribe(&room).await });
+        }
         self.registry.do_send(RoomStopped {
             room: self.id.clone(),
             addr: ctx.address(),
@@ -325,13 +443,15 @@ impl Handler<Join> for Room {
         };
         let frames = self.frames.subscribe();
         if self.sessions.insert(msg.session, msg.user.clone()).is_none() {
+            let before = self.online_users();
             let count = self.online.entry(msg.user.clone()).or_insert(0);
             *count += 1;
             if *count == 1 {
-                self.presence_changed(&msg.user, Presence::Online);
+                self.announce_presence_changes(&before, &self.online_users());
+                self.publish_presence();
             }
         }
-        let online = self.online.keys().map(|user| self.user_ref(user)).collect();
+        let online = self.online_users().into_values().collect();
         Ok(Joined {
             frames,
             head_seq: self.delivered_seq,
@@ -356,11 +476,13 @@ impl Handler<Leave> for Room {
         let Some(user) = self.sessions.remove(&msg.session) else {
             return;
         };
+        let before = self.online_users();
         if let Some(count) = self.online.get_mut(&user) {
             *count -= 1;
             if *count == 0 {
                 self.online.remove(&user);
-                self.presence_changed(&user, Presence::Offline);
+                self.announce_presence_changes(&before, &self.online_users());
+                self.publish_presence();
             }
         }
     }
@@ -395,6 +517,7 @@ impl Room {
             room.last_activity = Instant::now();
             if let Ok(Applied { event: Some(event), .. }) = &result {
                 room.accept(event.clone(), ctx);
+                room.deps.bus.publish(&room.id, BusPayload::Event { event: event.clone() });
             }
             result
         }))
@@ -449,13 +572,15 @@ impl Handler<Typing> for Room {
                 Err(DomainError::forbidden("guests read and do not write"))
             }
             Some(_) => {
+                let user = self.user_ref(&msg.user);
                 self.broadcast_ephemeral(
                     ServerFrame::Typing {
                         room: self.id.clone(),
-                        user: self.user_ref(&msg.user),
+                        user: user.clone(),
                     },
                     Some(msg.user),
                 );
+                self.deps.bus.publish(&self.id, BusPayload::Typing { user });
                 Ok(())
             }
         }
@@ -476,6 +601,58 @@ impl Handler<Deliver> for Room {
         for event in msg.events {
             self.accept(event, ctx);
         }
+    }
+}
+
+/// Typing and presence from another node.
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct RemoteEphemeral {
+    pub origin: String,
+    pub payload: BusPayload,
+}
+
+impl Handler<RemoteEphemeral> for Room {
+    type Result = ();
+
+    fn handle(&mut self, msg: RemoteEphemeral, ctx: &mut Self::Context) {
+        match msg.payload {
+            BusPayload::Typing { user } => {
+                let skip = Some(user.id.clone());
+                self.broadcast_ephemeral(ServerFrame::Typing { room: self.id.clone(), user }, skip);
+            }
+            BusPayload::Presence { online } => {
+                let before = self.online_users();
+                let expires = Instant::now() + self.deps.config.presence_ttl;
+                if online.is_empty() {
+                    self.remote_online.remove(&msg.origin);
+                } else {
+                    self.remote_online.insert(msg.origin, (online, expires));
+                }
+                self.announce_presence_changes(&before, &self.online_users());
+            }
+            BusPayload::PresenceQuery => {
+                if !self.online.is_empty() {
+                    self.publish_presence();
+                }
+            }
+            BusPayload::Event { event } => self.accept(event, ctx),
+        }
+    }
+}
+
+/// The bus may have lost envelopes (it reconnected): fetch whatever the log has beyond what was
+/// delivered here.
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct Resync;
+
+impl Handler<Resync> for Room {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Resync, ctx: &mut Self::Context) {
+        self.fetch_missing(ctx);
+        self.publish_presence();
     }
 }
 

@@ -17,11 +17,18 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         Err(error) => error.to_string(),
     };
     let draining = state.is_draining();
+    // The bus is reported, not required: without Redis a node still accepts, persists and
+    // serves its own members, and repairs cross-node delivery from the log when Redis returns.
+    let bus = match (state.bus.shared(), state.bus.connected()) {
+        (false, _) => "local",
+        (true, true) => "connected",
+        (true, false) => "disconnected",
+    };
     let ready = store == "ok" && !draining;
     let body = json!({
         "status": if ready { "ready" } else { "unavailable" },
         "node": state.settings.node_id,
-        "checks": {"store": store, "draining": draining},
+        "checks": {"store": store, "bus": bus, "draining": draining},
     });
     if ready {
         HttpResponse::Ok().json(body)
