@@ -39,9 +39,15 @@ pub async fn upgrade(
     // Frames up to 4x the limit are read and refused with an error frame; beyond that the codec
     // gives up and the socket closes with 1009.
     let hard_cap = limits.max_frame_bytes.saturating_mul(4).max(1024);
+    let node = state.settings.node_id.clone();
     let session = Session::new(user, state.into_inner());
-    ws::WsResponseBuilder::new(session, &req, stream)
+    let mut response = ws::WsResponseBuilder::new(session, &req, stream)
         .frame_size(hard_cap)
         .start()
-        .map_err(|error| ApiError::new(cochat_actors::error::ErrorCode::InvalidFrame, error.to_string()))
+        .map_err(|error| ApiError::new(cochat_actors::error::ErrorCode::InvalidFrame, error.to_string()))?;
+    // Which node took the socket: for operators behind a load balancer, and for cluster tests.
+    if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&node) {
+        response.headers_mut().insert(actix_web::http::header::HeaderName::from_static("x-cochat-node"), value);
+    }
+    Ok(response)
 }

@@ -3,7 +3,9 @@
 
 pub mod client;
 pub mod db;
+pub mod nginx;
 pub mod process;
+pub mod redis;
 pub mod server;
 
 /// Runs an async test body against SQLite and, where reachable, Postgres:
