@@ -49,6 +49,8 @@ pub struct Settings {
     pub presence_ttl: Duration,
     /// How often an active room checks the log for events the bus lost (multi-node only; 0: off).
     pub resync_interval: Duration,
+    /// Postgres connections per node.
+    pub db_pool: usize,
     /// Parallel group-commit transactions (SQLite always uses one).
     pub store_writers: usize,
     pub store_batch: usize,
@@ -86,6 +88,7 @@ impl Settings {
             presence_interval: Duration::from_secs(10),
             presence_ttl: Duration::from_secs(25),
             resync_interval: Duration::from_secs(10),
+            db_pool: 16,
             store_writers: 2,
             store_batch: 512,
             json_logs: false,
@@ -168,6 +171,9 @@ impl Settings {
         if let Some(n) = num("COCHAT_ROOM_BUFFER")? {
             s.room_buffer = n as usize;
         }
+        if let Some(n) = num("COCHAT_DB_POOL")? {
+            s.db_pool = (n as usize).max(1);
+        }
         if let Some(n) = num("COCHAT_STORE_WRITERS")? {
             s.store_writers = (n as usize).max(1);
         }
@@ -187,9 +193,14 @@ impl Settings {
         Ok(s)
     }
 
-    /// The store URL in effect: `DATABASE_URL`, or the SQLite file in the data dir.
+    /// The store URL in effect: `DATABASE_URL` (with `COCHAT_DB_POOL` as the Postgres pool size
+    /// unless the URL names one), or the SQLite file in the data dir.
     pub fn store_url(&self) -> String {
         match &self.database_url {
+            Some(url) if url.starts_with("postgres") && !url.contains("pool_size=") => {
+                let separator = if url.contains('?') { '&' } else { '?' };
+                format!("{url}{separator}pool_size={}", self.db_pool)
+            }
             Some(url) => url.clone(),
             None => format!("sqlite://{}", self.data_dir.join("cochat.db").display()),
         }
@@ -227,6 +238,19 @@ mod tests {
         })
         .expect_err("a word is not a rate");
         assert!(error.contains("COCHAT_RATE_PER_S"), "{error}");
+    }
+
+    #[test]
+    fn the_postgres_pool_size_comes_from_the_environment_unless_the_url_names_it() {
+        let with = |url: &str| {
+            let mut settings = Settings::defaults();
+            settings.database_url = Some(url.to_owned());
+            settings.db_pool = 4;
+            settings.store_url()
+        };
+        assert_eq!(with("postgres://h/db"), "postgres://h/db?pool_size=4");
+        assert_eq!(with("postgres://h/db?sslmode=disable"), "postgres://h/db?sslmode=disable&pool_size=4");
+        assert_eq!(with("postgres://h/db?pool_size=9"), "postgres://h/db?pool_size=9");
     }
 
     #[test]

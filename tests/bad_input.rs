@@ -42,6 +42,7 @@ async fn every_bad_frame_gets_its_error_and_the_room_keeps_working(db: TestDatab
         (json!({"type": "react", "id": "emo", "room": room, "message_id": "m", "emoji": "two words", "on": true}).to_string(), "validation", json!("emo")),
         (json!({"type": "subscribe", "id": "nr", "room": "no-such-room"}).to_string(), "room_not_found", json!("nr")),
         (json!({"type": "unsubscribe", "id": "ns", "room": "other"}).to_string(), "not_subscribed", json!("ns")),
+        (json!({"type": "read", "id": "neg", "room": room, "seq": -1}).to_string(), "validation", json!("neg")),
         (json!({"type": "edit", "id": "nm", "room": room, "message_id": "nope", "text": "x"}).to_string(), "message_not_found", json!("nm")),
     ];
     for (frame, code, reply_to) in &cases {

@@ -692,6 +692,9 @@ async fn invites_limits_expiry_and_membership(store: Arc<dyn Store>) {
         ErrorCode::InviteInvalid,
         "used up"
     );
+    // ...but a member accepting it again is still answered with their role (idempotent).
+    let again = ok(&store, &r, join_cmd(&bob, &once)).await;
+    assert_eq!((again.duplicate, again.role), (true, Some(Role::Guest)));
 
     let expired = invite(
         &store,

@@ -678,11 +678,16 @@ impl Batch<'_, '_> {
         let now = Timestamp::now();
         let expired = expires_at.is_some_and(|at| at <= now.millis());
         let used_up = max_uses.is_some_and(|max| uses >= max);
-        if invite_room != room.0 || expired || used_up {
+        if invite_room != room.0 {
             return Ok(Err(invite_invalid()));
         }
+        // A member accepting their room's invite again changes nothing, even once the invite
+        // is used up or expired: accepting is idempotent.
         if let Some(current) = member_role_in(tx, &room, &user.id).await? {
             return Ok(Ok(self.unchanged(&room, None, Some(current))));
+        }
+        if expired || used_up {
+            return Ok(Err(invite_invalid()));
         }
         // members.user_id references users: check here so a bad id refuses this write only
         // instead of failing the whole batch on the foreign key.

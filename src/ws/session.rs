@@ -486,6 +486,10 @@ impl Session {
     }
 
     fn mark_read(&mut self, ctx: &mut ws::WebsocketContext<Self>, reply_to: Option<Value>, room: RoomId, seq: Seq) {
+        if seq < 0 {
+            let error = DomainError::validation("seq must not be negative");
+            return self.send_error(ctx, reply_to, &error, Some(room));
+        }
         let store = self.state.store.clone();
         let user = self.user.id.clone();
         let target = room.clone();

@@ -16,8 +16,11 @@ impl Nginx {
         let port = super::process::free_port();
         let dir = std::env::temp_dir().join(super::unique("cochat_nginx_"));
         std::fs::create_dir_all(&dir).expect("temp dir is writable");
-        let template = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/nginx-local.conf.template"))
-            .expect("the nginx template is in the repo");
+        let template = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/nginx-local.conf.template"
+        ))
+        .expect("the nginx template is in the repo");
         let upstreams: String = upstream_ports
             .iter()
             .map(|p| format!("        server 127.0.0.1:{p} max_fails=1 fail_timeout=2s;\n"))

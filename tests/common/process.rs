@@ -18,8 +18,21 @@ pub fn free_port() -> u16 {
 
 impl CochatProcess {
     /// Starts the binary on a fresh port and waits until `/readyz` answers 200.
-    pub async fn start(database_url: &str, data_dir: &PathBuf, extra_env: &[(&str, &str)]) -> CochatProcess {
-        let port = free_port();
+    pub async fn start(
+        database_url: &str,
+        data_dir: &PathBuf,
+        extra_env: &[(&str, &str)],
+    ) -> CochatProcess {
+        Self::start_on(free_port(), database_url, data_dir, extra_env).await
+    }
+
+    /// Like `start`, on a given port (a restarted node keeps its address behind the balancer).
+    pub async fn start_on(
+        port: u16,
+        database_url: &str,
+        data_dir: &PathBuf,
+        extra_env: &[(&str, &str)],
+    ) -> CochatProcess {
         let mut command = Command::new(env!("CARGO_BIN_EXE_cochat"));
         command
             .env("COCHAT_BIND", format!("127.0.0.1:{port}"))
@@ -36,7 +49,11 @@ impl CochatProcess {
             command.env(name, value);
         }
         let child = command.spawn().expect("the cochat binary starts");
-        let process = CochatProcess { port, base: format!("http://127.0.0.1:{port}"), child };
+        let process = CochatProcess {
+            port,
+            base: format!("http://127.0.0.1:{port}"),
+            child,
+        };
         process.wait_ready().await;
         process
     }
@@ -50,7 +67,11 @@ impl CochatProcess {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "cochat on port {} never became ready", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "cochat on port {} never became ready",
+                self.port
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -85,7 +106,10 @@ impl CochatProcess {
             if let Some(status) = self.child.try_wait().expect("the child can be polled") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "cochat did not exit within {within:?}");
+            assert!(
+                Instant::now() < deadline,
+                "cochat did not exit within {within:?}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

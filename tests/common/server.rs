@@ -42,7 +42,9 @@ impl TestServer {
 
     pub async fn start_with(settings: Settings) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").expect("binding port 0 on loopback works");
-        let addr = listener.local_addr().expect("a bound listener has an address");
+        let addr = listener
+            .local_addr()
+            .expect("a bound listener has an address");
         let (stop, stopped) = oneshot::channel::<()>();
         let run_settings = settings.clone();
         let thread = std::thread::spawn(move || {
@@ -74,7 +76,11 @@ impl TestServer {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "server at {} never became ready", self.base);
+            assert!(
+                Instant::now() < deadline,
+                "server at {} never became ready",
+                self.base
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
