@@ -237,19 +237,17 @@ impl Room {
         }));
     }
 
-    /// Everyone online in the room on any node (remote snapshots that have not expired).
+    /// Everyone online in the room on any node. Expired snapshots count until
+    /// `expire_remote_presence` removes them, so that removal is seen as a change.
     fn online_users(&self) -> HashMap<UserId, UserRef> {
         let mut users: HashMap<UserId, UserRef> = self
             .online
             .keys()
             .map(|user| (user.clone(), self.user_ref(user)))
             .collect();
-        let now = Instant::now();
-        for (snapshot, expires) in self.remote_online.values() {
-            if *expires > now {
-                for user in snapshot {
-                    users.entry(user.id.clone()).or_insert_with(|| user.clone());
-                }
+        for (snapshot, _) in self.remote_online.values() {
+            for user in snapshot {
+                users.entry(user.id.clone()).or_insert_with(|| user.clone());
             }
         }
         users
