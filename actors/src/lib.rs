@@ -8,6 +8,7 @@ pub mod error;
 pub mod event;
 pub mod fakes;
 pub mod ids;
+pub mod llm;
 pub mod ports;
 pub mod protocol;
 pub mod registry;
