@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 
 use crate::error::{DomainError, StoreError};
-use crate::event::{Author, Message, StoredEvent, UserRef};
+use crate::event::{AgentInfo, Author, Message, StoredEvent, Usage, UserRef};
 use crate::ids::{MessageId, Role, RoomId, Seq, UserId};
 use crate::time::Timestamp;
 
@@ -49,6 +49,62 @@ pub enum Command {
         user: UserId,
         role: Role,
     },
+    /// Admin+ (checked by the caller); `conflict` when the room has an agent of that name
+    /// (the default `ai` counts as existing only once stored). Event `agent.added`.
+    AddAgent { actor: UserId, agent: AgentInfo },
+    /// Event `ai.started`; also stores a partial checkpoint (empty text) for `message_id`.
+    StartAnswer {
+        agent: String,
+        message_id: MessageId,
+        trigger_message_id: MessageId,
+        trigger_author: UserId,
+    },
+    /// Ends an answer: inserts the message (author kind `ai`, `id = message_id`, `seq` = this
+    /// event's seq) unless the outcome is not `Completed` and the text is empty, appends the
+    /// event for the outcome (`ai.completed` / `ai.failed` / `ai.cancelled`, carrying the
+    /// message), writes a usage ledger row charged to `charge_to` when `usage` is given, and
+    /// deletes the partial checkpoint.
+    FinishAnswer {
+        author: Author,
+        message_id: MessageId,
+        trigger_message_id: MessageId,
+        charge_to: UserId,
+        text: String,
+        outcome: AnswerOutcome,
+        usage: Option<Usage>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AnswerOutcome {
+    Completed,
+    Failed { code: String, reason: String },
+    Cancelled { by: UserId },
+}
+
+/// An answer in progress, as checkpointed for rooms and clients that join mid-answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Partial {
+    pub room: RoomId,
+    pub message_id: MessageId,
+    pub agent: String,
+    pub trigger_message_id: MessageId,
+    pub trigger_author: UserId,
+    pub text: String,
+}
+
+/// Tokens used since some time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UsageTotals {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub answers: u64,
+}
+
+impl UsageTotals {
+    pub fn total(&self) -> u64 {
+        self.prompt_tokens + self.completion_tokens
+    }
 }
 
 /// A command addressed to a room.
@@ -195,6 +251,65 @@ pub trait Store: RoomLog {
 
     /// Cheap round trip for readiness.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    // TEMPORARY defaults while the drivers gain the AI tables (removed once both implement them).
+    // --- AI agents -------------------------------------------------------------------------
+
+    /// The room's stored personas (the default `ai` is implicit unless stored), by name.
+    async fn agents(&self, room: &RoomId) -> Result<Vec<AgentInfo>, StoreError> {
+        Err(StoreError::Backend("agents: not implemented by this store yet".into()))
+    }
+    /// One message of the room (deleted ones as tombstones), with reactions.
+    async fn message(&self, room: &RoomId, id: &MessageId) -> Result<Option<Message>, StoreError> {
+        Err(StoreError::Backend("message: not implemented by this store yet".into()))
+    }
+    /// Messages of the room whose text contains `query` (case-insensitive), newest first, not
+    /// deleted, at most `limit`.
+    async fn search_messages(
+        &self,
+        room: &RoomId,
+        query: &str,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError> {
+        Err(StoreError::Backend("search_messages: not implemented by this store yet".into()))
+    }
+    /// Replaces the checkpointed text of an answer in progress (no-op if it has finished).
+    async fn save_partial(&self, room: &RoomId, message_id: &MessageId, text: &str) -> Result<(), StoreError> {
+        Err(StoreError::Backend("save_partial: not implemented by this store yet".into()))
+    }
+    /// Answers in progress in the room (started, not finished).
+    async fn partials(&self, room: &RoomId) -> Result<Vec<Partial>, StoreError> {
+        Err(StoreError::Backend("partials: not implemented by this store yet".into()))
+    }
+    /// The rolling summary of the room's history for an agent, and the last seq it covers.
+    async fn summary(&self, room: &RoomId, agent: &str) -> Result<Option<(String, Seq)>, StoreError> {
+        Err(StoreError::Backend("summary: not implemented by this store yet".into()))
+    }
+    async fn save_summary(
+        &self,
+        room: &RoomId,
+        agent: &str,
+        summary: &str,
+        through_seq: Seq,
+    ) -> Result<(), StoreError> {
+        Err(StoreError::Backend("save_summary: not implemented by this store yet".into()))
+    }
+    /// Tokens charged in the room since `since` (all users).
+    async fn room_usage(&self, room: &RoomId, since: Timestamp) -> Result<UsageTotals, StoreError> {
+        Err(StoreError::Backend("room_usage: not implemented by this store yet".into()))
+    }
+    /// Tokens charged to the user since `since` (all rooms).
+    async fn user_usage(&self, user: &UserId, since: Timestamp) -> Result<UsageTotals, StoreError> {
+        Err(StoreError::Backend("user_usage: not implemented by this store yet".into()))
+    }
+    /// Tokens charged in the room since `since`, per user.
+    async fn room_usage_by_user(
+        &self,
+        room: &RoomId,
+        since: Timestamp,
+    ) -> Result<Vec<(UserId, UsageTotals)>, StoreError> {
+        Err(StoreError::Backend("room_usage_by_user: not implemented by this store yet".into()))
+    }
 }
 
 /// Measurements the actors report; the server maps them onto Prometheus metrics.

@@ -420,6 +420,10 @@ impl Batch<'_, '_> {
                     Command::PostMessage { .. } => {
                         Err(StoreError::Backend("post handled above".into()))
                     }
+                    // TEMPORARY until the AI tables land in this driver.
+                    Command::AddAgent { .. } | Command::StartAnswer { .. } | Command::FinishAnswer { .. } => {
+                        Ok(Err(DomainError::validation("AI commands are not implemented by this store yet")))
+                    }
                 }
             }
         }

@@ -614,6 +614,10 @@ fn apply(conn: &Connection, room: &RoomId, command: Command) -> R<Applied> {
             };
             Ok(applied(push_event(conn, room, now, body)?))
         }
+        // TEMPORARY until the AI tables land in this driver.
+        Command::AddAgent { .. } | Command::StartAnswer { .. } | Command::FinishAnswer { .. } => {
+            Err(DomainError::validation("AI commands are not implemented by this store yet").into())
+        }
         Command::ChangeRole { actor, user, role } => {
             let changed = shared::check_role_change(
                 role_of(conn, room, &actor)?,
