@@ -1,6 +1,7 @@
 //! cochat: the process and its adapters. `run(settings, listener)` starts the real server on a
 //! listener the caller bound, so integration tests start exactly what production runs.
 
+pub mod ai;
 pub mod auth;
 pub mod bus;
 pub mod error;
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 use actix::Actor;
 use actix_web::{web, App, HttpServer};
 use anyhow::Context as _;
+use cochat_actors::agent::{AiDeps, TriggerLimiter};
 use cochat_actors::commit::{Committer, CommitterConfig};
 use cochat_actors::ports::RoomLog;
 use cochat_actors::registry::{route_bus_notice, RoomRegistry};
@@ -65,9 +67,26 @@ pub async fn run_until(
         metrics.clone(),
     );
     let (bus, notices) = bus::open(&settings, metrics.clone()).map_err(anyhow::Error::msg)?;
+    let provider = match settings.ai_provider.clone() {
+        Some(config) => {
+            tracing::info!(provider = %config.provider, model = %config.model, "AI provider configured");
+            Some(ai::presets::build(config).map_err(anyhow::Error::msg)?)
+        }
+        None => {
+            tracing::info!("AI is not configured (AI_PROVIDER unset): agents answer with a notice");
+            None
+        }
+    };
+    let ai = AiDeps {
+        store: store.clone(),
+        provider,
+        config: settings.ai.clone(),
+        limiter: Arc::new(TriggerLimiter::default()),
+    };
     let deps = RoomDeps {
         log,
         bus: bus.clone(),
+        ai: Some(ai),
         committer: committer.clone(),
         telemetry: metrics.clone(),
         config: RoomConfig {

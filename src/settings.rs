@@ -4,6 +4,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use cochat_actors::agent::AiConfig;
+
+use crate::ai::provider::ProviderConfig;
+
 /// Limits a client is held to; all configurable.
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -57,6 +61,10 @@ pub struct Settings {
     pub json_logs: bool,
     /// HTTP worker threads (0: one per core).
     pub workers: usize,
+    /// The default agents' provider (`AI_PROVIDER`, `AI_BASE_URL`, ...); `None`: not configured.
+    pub ai_provider: Option<ProviderConfig>,
+    /// Context budget, tool steps, trigger and token budgets.
+    pub ai: AiConfig,
 }
 
 impl Settings {
@@ -93,6 +101,8 @@ impl Settings {
             store_batch: 512,
             json_logs: false,
             workers: 0,
+            ai_provider: None,
+            ai: AiConfig::default(),
         }
     }
 
@@ -182,6 +192,29 @@ impl Settings {
         }
         if let Some(n) = num("COCHAT_WORKERS")? {
             s.workers = n as usize;
+        }
+        s.ai_provider = crate::ai::presets::provider_config(&lookup)?;
+        let ai = &mut s.ai;
+        if let Some(n) = num("COCHAT_AI_CONTEXT_TOKENS")? {
+            ai.context_tokens = (n as usize).max(256);
+        }
+        if let Some(n) = num("COCHAT_AI_ANSWER_TOKENS")? {
+            ai.answer_tokens = (n as u32).max(16);
+        }
+        if let Some(n) = num("COCHAT_AI_TOOL_STEPS")? {
+            ai.tool_steps = n as usize;
+        }
+        if let Some(n) = num("COCHAT_AI_TRIGGERS_PER_MIN_USER")? {
+            ai.triggers_per_min_user = n as u32;
+        }
+        if let Some(n) = num("COCHAT_AI_TRIGGERS_PER_MIN_ROOM")? {
+            ai.triggers_per_min_room = n as u32;
+        }
+        if let Some(n) = num("COCHAT_AI_TOKENS_PER_DAY_USER")? {
+            ai.tokens_per_day_user = n as u64;
+        }
+        if let Some(n) = num("COCHAT_AI_TOKENS_PER_DAY_ROOM")? {
+            ai.tokens_per_day_room = n as u64;
         }
         if let Some(v) = get("COCHAT_LOG_FORMAT") {
             s.json_logs = match v.as_str() {

@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::event::{StoredEvent, UserRef};
-use crate::ids::RoomId;
+use crate::ids::{MessageId, RoomId, UserId};
+use crate::protocol::{QueuedTrigger, UsageReport};
 
 /// What travels between nodes about one room.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +37,22 @@ pub enum BusPayload {
     Presence { online: Vec<UserRef> },
     /// A node started serving the room and asks the others for their presence snapshots.
     PresenceQuery,
+    /// New text of an AI answer (see `ServerFrame::AiDelta`).
+    AiDelta {
+        message_id: MessageId,
+        offset: usize,
+        text: String,
+    },
+    /// The whole text so far of an AI answer, sent now and then while it streams, so a node
+    /// that missed deltas (or started serving the room mid-answer) can repair.
+    AiSnapshot { message_id: MessageId, text: String },
+    /// An agent's queue changed.
+    AiQueue { agent: String, queue: Vec<QueuedTrigger> },
+    /// The room's AI usage changed.
+    AiUsage { usage: UsageReport },
+    /// Someone allowed to asked to stop an answer (or a queued trigger): the node running the
+    /// agent acts on it.
+    AiCancel { message_id: MessageId, by: UserId },
 }
 
 /// What a bus driver hands to its node.

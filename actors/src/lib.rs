@@ -2,6 +2,7 @@
 //! messages, the wire protocol enums, the group committer, and the ports (traits) the process
 //! fills with real drivers. This crate builds without actix-web, Postgres, Redis or S3.
 
+pub mod agent;
 pub mod bus;
 pub mod commit;
 pub mod error;

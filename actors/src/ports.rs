@@ -252,17 +252,12 @@ pub trait Store: RoomLog {
     /// Cheap round trip for readiness.
     async fn ping(&self) -> Result<(), StoreError>;
 
-    // TEMPORARY defaults while the drivers gain the AI tables (removed once both implement them).
     // --- AI agents -------------------------------------------------------------------------
 
     /// The room's stored personas (the default `ai` is implicit unless stored), by name.
-    async fn agents(&self, room: &RoomId) -> Result<Vec<AgentInfo>, StoreError> {
-        Err(StoreError::Backend("agents: not implemented by this store yet".into()))
-    }
+    async fn agents(&self, room: &RoomId) -> Result<Vec<AgentInfo>, StoreError>;
     /// One message of the room (deleted ones as tombstones), with reactions.
-    async fn message(&self, room: &RoomId, id: &MessageId) -> Result<Option<Message>, StoreError> {
-        Err(StoreError::Backend("message: not implemented by this store yet".into()))
-    }
+    async fn message(&self, room: &RoomId, id: &MessageId) -> Result<Option<Message>, StoreError>;
     /// Messages of the room whose text contains `query` (case-insensitive), newest first, not
     /// deleted, at most `limit`.
     async fn search_messages(
@@ -270,46 +265,39 @@ pub trait Store: RoomLog {
         room: &RoomId,
         query: &str,
         limit: u32,
-    ) -> Result<Vec<Message>, StoreError> {
-        Err(StoreError::Backend("search_messages: not implemented by this store yet".into()))
-    }
+    ) -> Result<Vec<Message>, StoreError>;
     /// Replaces the checkpointed text of an answer in progress (no-op if it has finished).
-    async fn save_partial(&self, room: &RoomId, message_id: &MessageId, text: &str) -> Result<(), StoreError> {
-        Err(StoreError::Backend("save_partial: not implemented by this store yet".into()))
-    }
+    async fn save_partial(
+        &self,
+        room: &RoomId,
+        message_id: &MessageId,
+        text: &str,
+    ) -> Result<(), StoreError>;
     /// Answers in progress in the room (started, not finished).
-    async fn partials(&self, room: &RoomId) -> Result<Vec<Partial>, StoreError> {
-        Err(StoreError::Backend("partials: not implemented by this store yet".into()))
-    }
+    async fn partials(&self, room: &RoomId) -> Result<Vec<Partial>, StoreError>;
     /// The rolling summary of the room's history for an agent, and the last seq it covers.
-    async fn summary(&self, room: &RoomId, agent: &str) -> Result<Option<(String, Seq)>, StoreError> {
-        Err(StoreError::Backend("summary: not implemented by this store yet".into()))
-    }
+    async fn summary(
+        &self,
+        room: &RoomId,
+        agent: &str,
+    ) -> Result<Option<(String, Seq)>, StoreError>;
     async fn save_summary(
         &self,
         room: &RoomId,
         agent: &str,
         summary: &str,
         through_seq: Seq,
-    ) -> Result<(), StoreError> {
-        Err(StoreError::Backend("save_summary: not implemented by this store yet".into()))
-    }
+    ) -> Result<(), StoreError>;
     /// Tokens charged in the room since `since` (all users).
-    async fn room_usage(&self, room: &RoomId, since: Timestamp) -> Result<UsageTotals, StoreError> {
-        Err(StoreError::Backend("room_usage: not implemented by this store yet".into()))
-    }
+    async fn room_usage(&self, room: &RoomId, since: Timestamp) -> Result<UsageTotals, StoreError>;
     /// Tokens charged to the user since `since` (all rooms).
-    async fn user_usage(&self, user: &UserId, since: Timestamp) -> Result<UsageTotals, StoreError> {
-        Err(StoreError::Backend("user_usage: not implemented by this store yet".into()))
-    }
+    async fn user_usage(&self, user: &UserId, since: Timestamp) -> Result<UsageTotals, StoreError>;
     /// Tokens charged in the room since `since`, per user.
     async fn room_usage_by_user(
         &self,
         room: &RoomId,
         since: Timestamp,
-    ) -> Result<Vec<(UserId, UsageTotals)>, StoreError> {
-        Err(StoreError::Backend("room_usage_by_user: not implemented by this store yet".into()))
-    }
+    ) -> Result<Vec<(UserId, UsageTotals)>, StoreError>;
 }
 
 /// Measurements the actors report; the server maps them onto Prometheus metrics.

@@ -14,13 +14,15 @@ use actix::prelude::*;
 use bytestring::ByteString;
 use tokio::sync::broadcast;
 
+use crate::agent::trigger::mentioned_agents;
+use crate::agent::{Agent, AiDeps, CancelJob, Enqueue, Job};
 use crate::bus::{Bus, BusPayload};
 use crate::commit::{answer_of, Committer};
 use crate::error::{DomainError, ErrorCode};
-use crate::event::{EventBody, StoredEvent, UserRef};
-use crate::ids::{Role, RoomId, Seq, SessionId, UserId};
-use crate::ports::{Applied, Command, RoomLog, Telemetry, Write, WriteResult};
-use crate::protocol::{Presence, ServerFrame};
+use crate::event::{AgentInfo, AuthorKind, EventBody, Message, StoredEvent, UserRef};
+use crate::ids::{MessageId, Role, RoomId, Seq, SessionId, UserId};
+use crate::ports::{Applied, Command, Partial, RoomLog, Telemetry, Write, WriteResult};
+use crate::protocol::{Presence, QueuedTrigger, ServerFrame, UsageReport};
 use crate::registry::{RoomRegistry, RoomStopped};
 use crate::time::Timestamp;
 
@@ -71,11 +73,38 @@ pub struct RoomFrame {
 
 pub type RoomFrames = broadcast::Receiver<Arc<RoomFrame>>;
 
+/// An AI answer in progress as this node knows it.
+#[derive(Clone, Debug, Default)]
+struct LiveAnswer {
+    agent: String,
+    trigger_message_id: Option<MessageId>,
+    trigger_author: Option<UserId>,
+    text: String,
+    /// Length of `text` in characters (offsets count characters).
+    chars: usize,
+}
+
+impl LiveAnswer {
+    /// Applies `delta` at `offset`; false when there is a gap before it (text is unknown).
+    fn splice(&mut self, offset: usize, delta: &str) -> bool {
+        if offset > self.chars {
+            return false;
+        }
+        let cut = self.text.char_indices().nth(offset).map_or(self.text.len(), |(at, _)| at);
+        self.text.truncate(cut);
+        self.text.push_str(delta);
+        self.chars = offset + delta.chars().count();
+        true
+    }
+}
+
 /// Everything a Room needs from its node.
 #[derive(Clone)]
 pub struct RoomDeps {
     pub log: Arc<dyn RoomLog>,
     pub bus: Arc<dyn Bus>,
+    /// `None`: no agents on this node (unit tests); agents then never answer.
+    pub ai: Option<AiDeps>,
     pub committer: Committer,
     pub telemetry: Arc<dyn Telemetry>,
     pub config: RoomConfig,
@@ -98,6 +127,14 @@ pub struct Room {
     /// Other nodes' presence snapshots and when each stops counting.
     remote_online: HashMap<String, (Vec<UserRef>, Instant)>,
     fetching: bool,
+    /// Personas of the room (the default `ai` included), kept current by `agent.added`.
+    agents: HashMap<String, AgentInfo>,
+    /// Agent actors running on this node for this room.
+    agent_actors: HashMap<String, Addr<Agent>>,
+    /// Answers in progress (on any node) and their text so far.
+    answers: HashMap<MessageId, LiveAnswer>,
+    /// Each agent's queue of waiting triggers (on any node), as last announced.
+    queues: HashMap<String, Vec<QueuedTrigger>>,
     writes_in_flight: usize,
     last_activity: Instant,
 }
@@ -118,6 +155,10 @@ impl Room {
             online: HashMap::new(),
             remote_online: HashMap::new(),
             fetching: false,
+            agents: HashMap::from([(AgentInfo::DEFAULT_NAME.to_owned(), AgentInfo::default_agent())]),
+            agent_actors: HashMap::new(),
+            answers: HashMap::new(),
+            queues: HashMap::new(),
             writes_in_flight: 0,
             last_activity: Instant::now(),
         }
@@ -157,6 +198,7 @@ impl Room {
 
     fn deliver(&mut self, event: StoredEvent) {
         self.delivered_seq = event.seq;
+        self.apply_ai(&event.event);
         let revoke_user = self.apply_membership(&event.event);
         let lag = Timestamp::now().millis().saturating_sub(event.at.millis());
         self.deps
@@ -170,6 +212,111 @@ impl Room {
         };
         // An error only means nobody on this node is listening right now.
         let _ = self.frames.send(Arc::new(frame));
+    }
+
+    /// Keeps the agents and the answers in progress in step with the log.
+    fn apply_ai(&mut self, event: &EventBody) {
+        match event {
+            EventBody::AgentAdded { agent, .. } => {
+                self.agents.insert(agent.name.clone(), agent.clone());
+            }
+            EventBody::AiStarted {
+                message_id,
+                agent,
+                trigger_message_id,
+                trigger_author,
+            } => {
+                let answer = self.answers.entry(message_id.clone()).or_default();
+                answer.agent = agent.clone();
+                answer.trigger_message_id = Some(trigger_message_id.clone());
+                answer.trigger_author = Some(trigger_author.clone());
+            }
+            EventBody::AiCompleted { message, .. }
+            | EventBody::AiFailed { message, .. }
+            | EventBody::AiCancelled { message, .. } => {
+                self.answers.remove(&message.id);
+            }
+            _ => {}
+        }
+    }
+
+    /// Starts the agents a user's freshly committed message calls on. Only the node that
+    /// committed the message gets here, so a trigger runs once in the whole cluster; agents'
+    /// own messages never trigger (no loops between agents).
+    fn start_triggered_agents(&mut self, message: &Message, ctx: &mut Context<Self>) {
+        let Some(ai) = self.deps.ai.clone() else { return };
+        if message.author.kind != AuthorKind::User {
+            return;
+        }
+        let job = Job {
+            trigger_message_id: message.id.clone(),
+            trigger_author: message.author.id.clone(),
+            charge_to: message.author.id.clone(),
+        };
+        let names: Vec<String> = self.agents.keys().cloned().collect();
+        let called = mentioned_agents(&message.text, &names);
+        if !called.is_empty() {
+            for name in called {
+                self.enqueue(&name, job.clone(), ctx);
+            }
+            return;
+        }
+        // A reply to an agent's message calls that agent.
+        let Some(parent) = message.reply_to_message.clone() else { return };
+        let room = self.id.clone();
+        let lookup = async move { ai.store.message(&room, &parent).await };
+        ctx.spawn(lookup.into_actor(self).map(move |found, room, ctx| {
+            if let Ok(Some(parent)) = found {
+                if let Some(name) = agent_of(&parent) {
+                    room.enqueue(&name, job, ctx);
+                }
+            }
+        }));
+    }
+
+    fn enqueue(&mut self, agent: &str, job: Job, ctx: &mut Context<Self>) {
+        if let Some(addr) = self.agent_actor(agent, ctx) {
+            addr.do_send(Enqueue { job });
+        }
+    }
+
+    fn agent_actor(&mut self, name: &str, ctx: &mut Context<Self>) -> Option<Addr<Agent>> {
+        let ai = self.deps.ai.clone()?;
+        let info = self.agents.get(name)?.clone();
+        if let Some(addr) = self.agent_actors.get(name).filter(|addr| addr.connected()) {
+            return Some(addr.clone());
+        }
+        let addr = Agent::new(self.id.clone(), info, ctx.address(), ai).start();
+        self.agent_actors.insert(name.to_owned(), addr.clone());
+        Some(addr)
+    }
+
+    /// Applies a delta, fans it out to this node's members and, when it is this node's own
+    /// agent writing, to the other nodes.
+    fn apply_delta(&mut self, message_id: MessageId, offset: usize, text: String, publish: bool) {
+        let answer = self.answers.entry(message_id.clone()).or_default();
+        if !answer.splice(offset, &text) {
+            tracing::debug!(room = %self.id, %message_id, offset, "delta after a gap; waiting for a snapshot");
+        }
+        if publish {
+            self.deps.bus.publish(
+                &self.id,
+                BusPayload::AiDelta {
+                    message_id: message_id.clone(),
+                    offset,
+                    text: text.clone(),
+                },
+            );
+        }
+        self.broadcast_ephemeral(
+            ServerFrame::AiDelta {
+                room: self.id.clone(),
+                message_id,
+                offset,
+                text,
+            },
+            None,
+        );
     }
 
     /// Keeps the member cache in step with the log. Returns the user to revoke, if any.
@@ -321,6 +468,12 @@ impl Room {
             {
                 Err(DomainError::forbidden("guests read and do not write"))
             }
+            Command::AddAgent { .. } if !role.is_admin() => {
+                Err(DomainError::forbidden("only admins and owners add agents"))
+            }
+            Command::StartAnswer { .. } | Command::FinishAnswer { .. } => {
+                Err(DomainError::forbidden("only agents write answers"))
+            }
             Command::DeleteMessage {
                 actor, message_id, ..
             } => Ok(Command::DeleteMessage {
@@ -332,8 +485,34 @@ impl Room {
         }
     }
 
+    fn load_ai(&mut self, agents: Vec<AgentInfo>, partials: Vec<Partial>) {
+        for agent in agents {
+            self.agents.insert(agent.name.clone(), agent);
+        }
+        for partial in partials {
+            let mut answer = LiveAnswer {
+                agent: partial.agent,
+                trigger_message_id: Some(partial.trigger_message_id),
+                trigger_author: Some(partial.trigger_author),
+                ..LiveAnswer::default()
+            };
+            answer.splice(0, &partial.text);
+            self.answers.insert(partial.message_id, answer);
+        }
+    }
+
+    /// Answers in progress with their text so far, for a session joining now.
+    fn answers_in_progress(&self) -> Vec<(MessageId, String)> {
+        self.answers
+            .iter()
+            .filter(|(_, answer)| !answer.text.is_empty())
+            .map(|(id, answer)| (id.clone(), answer.text.clone()))
+            .collect()
+    }
+
     fn is_idle(&self) -> bool {
         self.sessions.is_empty()
+            && self.agent_actors.is_empty()
             && self.writes_in_flight == 0
             && self.last_activity.elapsed() >= self.deps.config.idle_timeout
     }
@@ -350,17 +529,24 @@ impl Actor for Room {
         // after the head was read arrives on the bus (or is fetched when a gap shows).
         let log = self.deps.log.clone();
         let bus = self.deps.bus.clone();
+        let ai_store = self.deps.ai.as_ref().map(|ai| ai.store.clone());
         let room = self.id.clone();
         ctx.wait(
             async move {
                 bus.subscribe(&room).await;
-                log.room_state(&room).await
+                let state = log.room_state(&room).await?;
+                let (agents, partials) = match ai_store {
+                    Some(store) => (store.agents(&room).await?, store.partials(&room).await?),
+                    None => (Vec::new(), Vec::new()),
+                };
+                Ok::<_, crate::error::StoreError>(state.map(|state| (state, agents, partials)))
             }
                 .into_actor(self)
                 .map(|result, room, ctx| match result {
-                    Ok(Some(state)) => {
+                    Ok(Some((state, agents, partials))) => {
                         room.members = state.members;
                         room.delivered_seq = state.head_seq;
+                        room.load_ai(agents, partials);
                         if room.deps.bus.shared() {
                             room.deps.bus.publish(&room.id, BusPayload::PresenceQuery);
                         }
@@ -429,6 +615,9 @@ pub struct Joined {
     pub head_seq: Seq,
     pub role: Role,
     pub online: Vec<UserRef>,
+    /// AI answers in progress and their text so far (sent as `ai.delta` with offset 0 after the
+    /// replay; the deltas that follow come through `frames`).
+    pub answers: Vec<(MessageId, String)>,
 }
 
 impl Handler<Join> for Room {
@@ -455,6 +644,7 @@ impl Handler<Join> for Room {
             head_seq: self.delivered_seq,
             role,
             online,
+            answers: self.answers_in_progress(),
         })
     }
 }
@@ -516,6 +706,9 @@ impl Room {
             if let Ok(Applied { event: Some(event), .. }) = &result {
                 room.accept(event.clone(), ctx);
                 room.deps.bus.publish(&room.id, BusPayload::Event { event: event.clone() });
+                if let EventBody::MessageCreated { message } = &event.event {
+                    room.start_triggered_agents(message, ctx);
+                }
             }
             result
         }))
@@ -602,6 +795,260 @@ impl Handler<Deliver> for Room {
     }
 }
 
+/// A write by one of this room's agents on this node (no member authorisation: the agent
+/// acts for the room).
+#[derive(Message, Clone)]
+#[rtype(result = "WriteResult")]
+pub struct AgentWrite {
+    pub command: Command,
+}
+
+impl Handler<AgentWrite> for Room {
+    type Result = ResponseActFuture<Self, WriteResult>;
+
+    fn handle(&mut self, msg: AgentWrite, _ctx: &mut Self::Context) -> Self::Result {
+        self.last_activity = Instant::now();
+        let queued = self.deps.committer.enqueue(Write {
+            room: self.id.clone(),
+            command: msg.command,
+        });
+        let answer = match queued {
+            Ok(answer) => answer,
+            Err(error) => return Box::pin(fut::ready(Err(error))),
+        };
+        self.writes_in_flight += 1;
+        Box::pin(answer_of(answer).into_actor(self).map(|result, room, ctx| {
+            room.writes_in_flight -= 1;
+            if let Ok(Applied { event: Some(event), .. }) = &result {
+                room.accept(event.clone(), ctx);
+                room.deps.bus.publish(&room.id, BusPayload::Event { event: event.clone() });
+            }
+            result
+        }))
+    }
+}
+
+/// New text from this node's agent.
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct AgentDelta {
+    pub message_id: MessageId,
+    pub offset: usize,
+    pub text: String,
+}
+
+impl Handler<AgentDelta> for Room {
+    type Result = ();
+
+    fn handle(&mut self, msg: AgentDelta, _ctx: &mut Self::Context) {
+        self.apply_delta(msg.message_id, msg.offset, msg.text, true);
+    }
+}
+
+/// The whole text so far of this node's agent's answer, for other nodes to repair gaps.
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct AgentSnapshot {
+    pub message_id: MessageId,
+    pub text: String,
+}
+
+impl Handler<AgentSnapshot> for Room {
+    type Result = ();
+
+    fn handle(&mut self, msg: AgentSnapshot, _ctx: &mut Self::Context) {
+        self.deps.bus.publish(
+            &self.id,
+            BusPayload::AiSnapshot {
+                message_id: msg.message_id,
+                text: msg.text,
+            },
+        );
+    }
+}
+
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct AgentQueue {
+    pub agent: String,
+    pub queue: Vec<QueuedTrigger>,
+}
+
+impl Handler<AgentQueue> for Room {
+    type Result = ();
+
+    fn handle(&mut self, msg: AgentQueue, _ctx: &mut Self::Context) {
+        self.queues.insert(msg.agent.clone(), msg.queue.clone());
+        self.deps.bus.publish(
+            &self.id,
+            BusPayload::AiQueue {
+                agent: msg.agent.clone(),
+                queue: msg.queue.clone(),
+            },
+        );
+        self.broadcast_ephemeral(
+            ServerFrame::AiQueue {
+                room: self.id.clone(),
+                agent: msg.agent,
+                queue: msg.queue,
+            },
+            None,
+        );
+    }
+}
+
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct AgentUsage {
+    pub usage: UsageReport,
+}
+
+impl Handler<AgentUsage> for Room {
+    type Result = ();
+
+    fn handle(&mut self, msg: AgentUsage, _ctx: &mut Self::Context) {
+        self.deps.bus.publish(&self.id, BusPayload::AiUsage { usage: msg.usage.clone() });
+        self.broadcast_ephemeral(
+            ServerFrame::AiUsage {
+                room: self.id.clone(),
+                usage: msg.usage,
+            },
+            None,
+        );
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AgentStopped {
+    pub agent: String,
+    pub addr: Addr<Agent>,
+}
+
+impl Handler<AgentStopped> for Room {
+    type Result = ();
+
+    fn handle(&mut self, msg: AgentStopped, _ctx: &mut Self::Context) {
+        if self.agent_actors.get(&msg.agent) == Some(&msg.addr) {
+            self.agent_actors.remove(&msg.agent);
+        }
+        self.last_activity = Instant::now();
+    }
+}
+
+/// A member asks to stop an AI answer (by the answer's id) or a queued trigger (by the
+/// trigger's id): its trigger's author or an admin may. Answers with the room's head seq.
+#[derive(Message, Clone)]
+#[rtype(result = "Result<Seq, DomainError>")]
+pub struct CancelAnswer {
+    pub by: UserId,
+    pub message_id: MessageId,
+}
+
+impl Handler<CancelAnswer> for Room {
+    type Result = Result<Seq, DomainError>;
+
+    fn handle(&mut self, msg: CancelAnswer, _ctx: &mut Self::Context) -> Self::Result {
+        let Some(role) = self.role_of(&msg.by) else {
+            return Err(DomainError::room_not_found());
+        };
+        let author = self
+            .answers
+            .get(&msg.message_id)
+            .and_then(|answer| answer.trigger_author.clone())
+            .or_else(|| {
+                self.queues
+                    .values()
+                    .flatten()
+                    .find(|queued| queued.trigger_message_id == msg.message_id)
+                    .map(|queued| queued.trigger_author.clone())
+            });
+        let Some(author) = author else {
+            return Err(DomainError::new(
+                ErrorCode::NotFound,
+                "no AI answer in progress or queued for that message",
+            ));
+        };
+        if author != msg.by && !role.is_admin() {
+            return Err(DomainError::forbidden(
+                "only the trigger's author or an admin can cancel an answer",
+            ));
+        }
+        for agent in self.agent_actors.values() {
+            agent.do_send(CancelJob {
+                message_id: msg.message_id.clone(),
+                by: msg.by.clone(),
+            });
+        }
+        self.deps.bus.publish(
+            &self.id,
+            BusPayload::AiCancel {
+                message_id: msg.message_id,
+                by: msg.by,
+            },
+        );
+        Ok(self.delivered_seq)
+    }
+}
+
+/// A member asks the agent that wrote answer `message_id` to answer its trigger again (charged
+/// to the asker).
+#[derive(Message, Clone)]
+#[rtype(result = "Result<Seq, DomainError>")]
+pub struct RegenerateAnswer {
+    pub by: UserId,
+    pub message_id: MessageId,
+}
+
+impl Handler<RegenerateAnswer> for Room {
+    type Result = ResponseActFuture<Self, Result<Seq, DomainError>>;
+
+    fn handle(&mut self, msg: RegenerateAnswer, _ctx: &mut Self::Context) -> Self::Result {
+        match self.role_of(&msg.by) {
+            None => return Box::pin(fut::ready(Err(DomainError::room_not_found()))),
+            Some(role) if !role.can_write() => {
+                return Box::pin(fut::ready(Err(DomainError::forbidden("guests read and do not write"))))
+            }
+            Some(_) => {}
+        }
+        let Some(store) = self.deps.ai.as_ref().map(|ai| ai.store.clone()) else {
+            return Box::pin(fut::ready(Err(DomainError::new(ErrorCode::NotFound, "no agents here"))));
+        };
+        let room = self.id.clone();
+        let lookup = async move {
+            let not_an_answer = || DomainError::new(ErrorCode::MessageNotFound, "no AI answer with that id in this room");
+            let answer = store.message(&room, &msg.message_id).await.map_err(|e| e.to_domain())?.ok_or_else(not_an_answer)?;
+            let agent = agent_of(&answer).ok_or_else(not_an_answer)?;
+            let trigger_id = answer.reply_to_message.clone().ok_or_else(not_an_answer)?;
+            let trigger = store
+                .message(&room, &trigger_id)
+                .await
+                .map_err(|e| e.to_domain())?
+                .filter(|trigger| !trigger.deleted)
+                .ok_or_else(|| DomainError::new(ErrorCode::MessageNotFound, "the question was deleted"))?;
+            Ok((agent, trigger, msg.by))
+        };
+        Box::pin(lookup.into_actor(self).map(|result, room, ctx| {
+            let (agent, trigger, by) = result?;
+            let job = Job {
+                trigger_message_id: trigger.id,
+                trigger_author: trigger.author.id,
+                charge_to: by,
+            };
+            room.enqueue(&agent, job, ctx);
+            Ok(room.delivered_seq)
+        }))
+    }
+}
+
+/// The agent that wrote `message`, if an agent did.
+fn agent_of(message: &Message) -> Option<String> {
+    if message.author.kind != AuthorKind::Ai {
+        return None;
+    }
+    message.author.id.as_str().strip_prefix("ai:").map(str::to_owned)
+}
+
 /// Typing and presence from another node.
 #[derive(Message, Clone)]
 #[rtype(result = "()")]
@@ -635,6 +1082,33 @@ impl Handler<RemoteEphemeral> for Room {
                 }
             }
             BusPayload::Event { event } => self.accept(event, ctx),
+            BusPayload::AiDelta { message_id, offset, text } => {
+                self.apply_delta(message_id, offset, text, false);
+            }
+            BusPayload::AiSnapshot { message_id, text } => {
+                let answer = self.answers.entry(message_id.clone()).or_default();
+                if answer.text != text {
+                    answer.text.clear();
+                    answer.chars = 0;
+                    answer.splice(0, &text);
+                    self.broadcast_ephemeral(
+                        ServerFrame::AiDelta { room: self.id.clone(), message_id, offset: 0, text },
+                        None,
+                    );
+                }
+            }
+            BusPayload::AiQueue { agent, queue } => {
+                self.queues.insert(agent.clone(), queue.clone());
+                self.broadcast_ephemeral(ServerFrame::AiQueue { room: self.id.clone(), agent, queue }, None);
+            }
+            BusPayload::AiUsage { usage } => {
+                self.broadcast_ephemeral(ServerFrame::AiUsage { room: self.id.clone(), usage }, None);
+            }
+            BusPayload::AiCancel { message_id, by } => {
+                for agent in self.agent_actors.values() {
+                    agent.do_send(CancelJob { message_id: message_id.clone(), by: by.clone() });
+                }
+            }
         }
     }
 }

@@ -2,6 +2,7 @@
 //! shape the JSON; every failure is an `ApiError`.
 
 mod accounts;
+mod agents;
 mod health;
 mod json;
 mod messages;
@@ -45,7 +46,9 @@ pub fn routes(cfg: &mut web::ServiceConfig, body_limit: usize) {
             .route("/rooms/{room}/messages", web::get().to(messages::history))
             .route("/rooms/{room}/messages", web::post().to(messages::post))
             .route("/rooms/{room}/events", web::get().to(messages::events))
-            .route("/rooms/{room}/read", web::post().to(messages::mark_read)),
+            .route("/rooms/{room}/read", web::post().to(messages::mark_read))
+            .route("/rooms/{room}/agents", web::post().to(agents::create))
+            .route("/rooms/{room}/usage", web::get().to(agents::usage)),
     )
     .default_service(web::to(not_found));
 }

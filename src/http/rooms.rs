@@ -61,9 +61,10 @@ pub async fn detail(
         .ok_or_else(DomainError::room_not_found)?;
     let members = state.store.members(&room_id).await?;
     let members: Vec<_> = members.iter().map(json::member).collect();
+    let agents = crate::http::agents::list_for(&state, &room_id).await?;
     let mut body = json::room(&room);
     body["role"] = json!(role);
-    Ok(HttpResponse::Ok().json(json!({"room": body, "members": members, "agents": []})))
+    Ok(HttpResponse::Ok().json(json!({"room": body, "members": members, "agents": agents})))
 }
 
 #[derive(Deserialize)]

@@ -19,7 +19,9 @@ use cochat_actors::ports::Command;
 use cochat_actors::protocol::{parse_client_frame, ClientFrame, ParsedFrame, ServerFrame};
 use cochat_actors::commit::answer_of;
 use cochat_actors::registry::{ask_room_at, GetRoom};
-use cochat_actors::room::{unreachable_room, Join, Joined, Leave, Room, RoomFrame, SubmitOrdered, Typing};
+use cochat_actors::room::{
+    unreachable_room, CancelAnswer, Join, Joined, Leave, RegenerateAnswer, Room, RoomFrame, SubmitOrdered, Typing,
+};
 use futures_util::StreamExt;
 use serde_json::Value;
 use tokio::sync::oneshot;
@@ -212,7 +214,14 @@ impl Session {
             }
             ClientFrame::Typing { room } => self.typing(ctx, reply_to, room),
             ClientFrame::Read { room, seq } => self.mark_read(ctx, reply_to, room, seq),
-            ClientFrame::Cancel { room, message_id } => self.cancel(ctx, reply_to, room, message_id),
+            ClientFrame::Cancel { room, message_id } => {
+                let msg = CancelAnswer { by: self.user.id.clone(), message_id: message_id.clone() };
+                self.ask_ai(ctx, reply_to, room, message_id, msg);
+            }
+            ClientFrame::Regenerate { room, message_id } => {
+                let msg = RegenerateAnswer { by: self.user.id.clone(), message_id: message_id.clone() };
+                self.ask_ai(ctx, reply_to, room, message_id, msg);
+            }
         }
     }
 
@@ -381,7 +390,9 @@ impl Session {
             },
         );
         let frames = joined.frames;
+        let answers = joined.answers;
         if replay_after >= head {
+            self.send_answers_in_progress(ctx, &room, answers);
             return self.attach(ctx, room, generation, frames);
         }
         let store = self.state.store.clone();
@@ -402,6 +413,7 @@ impl Session {
                     if sent != head {
                         tracing::error!(room = %room, sent, head, "replay ended short of the head");
                     }
+                    session.send_answers_in_progress(ctx, &room, answers);
                     session.attach(ctx, room, generation, frames);
                 }
                 Err(error) => {
@@ -412,6 +424,14 @@ impl Session {
                 }
             }
         }));
+    }
+
+    /// AI answers being written right now: their whole text so far (offset 0); the deltas that
+    /// follow arrive on the room's stream, which starts exactly after this snapshot.
+    fn send_answers_in_progress(&self, ctx: &mut ws::WebsocketContext<Self>, room: &RoomId, answers: Vec<(MessageId, String)>) {
+        for (message_id, text) in answers {
+            self.send(ctx, &ServerFrame::AiDelta { room: room.clone(), message_id, offset: 0, text });
+        }
     }
 
     fn forward_replayed(&mut self, ctx: &mut ws::WebsocketContext<Self>, room: &RoomId, frame: ServerFrame) {
@@ -503,13 +523,24 @@ impl Session {
         }));
     }
 
-    /// Cancelling an AI answer needs the agents (not built yet): nothing is ever in progress.
-    fn cancel(&mut self, ctx: &mut ws::WebsocketContext<Self>, reply_to: Option<Value>, room: RoomId, message_id: MessageId) {
-        let error = DomainError::new(
-            ErrorCode::NotFound,
-            format!("no AI answer in progress for message {message_id}"),
-        );
-        self.send_error(ctx, reply_to, &error, Some(room));
+    /// Cancel / regenerate: the room decides (it knows the answers in progress and the roles)
+    /// and the ack carries the room's head seq.
+    fn ask_ai<M>(&mut self, ctx: &mut ws::WebsocketContext<Self>, reply_to: Option<Value>, room: RoomId, message_id: MessageId, msg: M)
+    where
+        M: actix::Message<Result = Result<Seq, DomainError>> + Send + Clone + 'static,
+        Room: actix::Handler<M>,
+        <Room as Actor>::Context: actix::dev::ToEnvelope<Room, M>,
+    {
+        let registry = self.state.registry.clone();
+        let target = room.clone();
+        let request = async move { ask_room_at(&registry, &target, msg).await.and_then(|(_, answer)| answer) };
+        ctx.spawn(request.into_actor(self).map(move |result, session, ctx| match result {
+            Ok(seq) => session.send(
+                ctx,
+                &ServerFrame::Ack { reply_to, room, message_id: Some(message_id), seq, duplicate: false },
+            ),
+            Err(error) => session.send_error(ctx, reply_to, &error, Some(room)),
+        }));
     }
 
     fn on_fragment(&mut self, item: Item, ctx: &mut ws::WebsocketContext<Self>) {

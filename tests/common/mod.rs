@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod db;
+pub mod fake_llm;
 pub mod nginx;
 pub mod process;
 pub mod redis;

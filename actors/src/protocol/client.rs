@@ -48,7 +48,13 @@ pub enum ClientFrame {
         room: RoomId,
         seq: Seq,
     },
+    /// Stops an AI answer (`message_id` of the answer, or of a trigger still queued).
     Cancel {
+        room: RoomId,
+        message_id: MessageId,
+    },
+    /// Asks the agent that wrote answer `message_id` to answer its trigger again.
+    Regenerate {
         room: RoomId,
         message_id: MessageId,
     },
@@ -66,6 +72,7 @@ pub const CLIENT_FRAME_TYPES: &[&str] = &[
     "typing",
     "read",
     "cancel",
+    "regenerate",
     "ping",
 ];
 

@@ -5,4 +5,4 @@ mod client;
 mod server;
 
 pub use client::{parse_client_frame, ClientFrame, ParsedFrame, CLIENT_FRAME_TYPES};
-pub use server::{Presence, ServerFrame};
+pub use server::{Presence, QueuedTrigger, ServerFrame, UsageReport};

@@ -5,7 +5,7 @@ use serde_json::Value;
 
 use crate::error::ErrorCode;
 use crate::event::{StoredEvent, UserRef};
-use crate::ids::{MessageId, RoomId, Seq};
+use crate::ids::{MessageId, RoomId, Seq, UserId};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -66,6 +66,47 @@ pub enum ServerFrame {
         user: UserRef,
         status: Presence,
     },
+    /// Ephemeral: new text of an AI answer in progress. `offset` counts characters (Unicode
+    /// scalar values) from the start of the answer: a client keeps `text[..offset] + delta`.
+    /// A frame with offset 0 carries the whole text so far (sent to clients that join or
+    /// resume mid-answer, and to repair a gap).
+    #[serde(rename = "ai.delta")]
+    AiDelta {
+        room: RoomId,
+        message_id: MessageId,
+        offset: usize,
+        text: String,
+    },
+    /// Ephemeral: the agent's queue of triggers waiting for an answer, in order.
+    #[serde(rename = "ai.queue")]
+    AiQueue {
+        room: RoomId,
+        agent: String,
+        queue: Vec<QueuedTrigger>,
+    },
+    /// Ephemeral: the room's AI usage today (UTC), pushed after each answer.
+    #[serde(rename = "ai.usage")]
+    AiUsage { room: RoomId, usage: UsageReport },
+}
+
+/// One trigger waiting for an agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedTrigger {
+    pub trigger_message_id: MessageId,
+    pub trigger_author: UserId,
+    /// 1 is next.
+    pub position: usize,
+}
+
+/// A room's AI usage and limits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageReport {
+    /// The UTC day the totals cover (YYYY-MM-DD).
+    pub day: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub answers: u64,
+    pub tokens_per_day_limit: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
