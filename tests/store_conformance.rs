@@ -8,9 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cochat_actors::error::{ErrorCode, StoreError};
-use cochat_actors::event::{Author, AuthorKind, EventBody, LeaveReason, StoredEvent, UserRef};
-use cochat_actors::ids::{MessageId, Role, RoomId, Seq};
-use cochat_actors::ports::{Applied, Command, NewInvite, Store, Write, WriteResult};
+use cochat_actors::event::{
+    AgentInfo, Author, AuthorKind, EventBody, LeaveReason, Message, StoredEvent, Usage, UserRef,
+};
+use cochat_actors::ids::{MessageId, Role, RoomId, Seq, UserId};
+use cochat_actors::ports::{
+    AnswerOutcome, Applied, Command, NewInvite, Partial, Store, UsageTotals, Write, WriteResult,
+};
 use cochat_actors::time::Timestamp;
 
 use common::db::TestDatabase;
@@ -1183,6 +1187,910 @@ async fn concurrent_appends_stay_gap_free(store: Arc<dyn Store>) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// AI agents
+
+fn agent_author(name: &str) -> Author {
+    Author {
+        id: UserId(format!("ai:{name}")),
+        name: name.to_owned(),
+        kind: AuthorKind::Ai,
+    }
+}
+
+fn agent_info(name: &str, model: Option<&str>) -> AgentInfo {
+    AgentInfo {
+        name: name.to_owned(),
+        model: model.map(str::to_owned),
+        system_prompt: Some(format!("You are {name}.")),
+        provider: None,
+    }
+}
+
+fn start_cmd(agent: &str, id: &MessageId, trigger: &MessageId, by: &UserRef) -> Command {
+    Command::StartAnswer {
+        agent: agent.to_owned(),
+        message_id: id.clone(),
+        trigger_message_id: trigger.clone(),
+        trigger_author: by.id.clone(),
+    }
+}
+
+/// Starts an answer of `agent` to `trigger` and returns its message id.
+async fn start(
+    store: &Arc<dyn Store>,
+    room: &RoomId,
+    agent: &str,
+    trigger: &MessageId,
+    by: &UserRef,
+) -> MessageId {
+    let id = MessageId::random();
+    let applied = ok(store, room, start_cmd(agent, &id, trigger, by)).await;
+    assert_eq!(applied.message_id.as_ref(), Some(&id));
+    let event = applied.event.expect("ai.started is appended");
+    assert_eq!(event.seq, applied.seq);
+    assert_eq!(
+        event.event,
+        EventBody::AiStarted {
+            message_id: id.clone(),
+            agent: agent.to_owned(),
+            trigger_message_id: trigger.clone(),
+            trigger_author: by.id.clone(),
+        }
+    );
+    id
+}
+
+fn finish_cmd(
+    agent: &str,
+    id: &MessageId,
+    trigger: &MessageId,
+    charge_to: &UserRef,
+    text: &str,
+    outcome: AnswerOutcome,
+    usage: Option<Usage>,
+) -> Command {
+    Command::FinishAnswer {
+        author: agent_author(agent),
+        message_id: id.clone(),
+        trigger_message_id: trigger.clone(),
+        charge_to: charge_to.id.clone(),
+        text: text.to_owned(),
+        outcome,
+        usage,
+    }
+}
+
+fn usage(prompt_tokens: u64, completion_tokens: u64) -> Option<Usage> {
+    Some(Usage {
+        prompt_tokens,
+        completion_tokens,
+    })
+}
+
+fn totals(prompt_tokens: u64, completion_tokens: u64, answers: u64) -> UsageTotals {
+    UsageTotals {
+        prompt_tokens,
+        completion_tokens,
+        answers,
+    }
+}
+
+/// The message an `ai.completed` / `ai.failed` / `ai.cancelled` event carries.
+fn answer_of(applied: &Applied) -> &Message {
+    match &applied.event.as_ref().expect("an event").event {
+        EventBody::AiCompleted { message, .. }
+        | EventBody::AiFailed { message, .. }
+        | EventBody::AiCancelled { message, .. } => message,
+        other => panic!("expected an answer event, got {other:?}"),
+    }
+}
+
+async fn agents_are_added_once_per_room(store: Arc<dyn Store>) {
+    let alice = user(&store, "alice").await;
+    let r = room(&store, &alice).await;
+    let other = room(&store, &alice).await;
+    assert!(
+        store.agents(&r).await.expect("agents").is_empty(),
+        "the default agent is implicit, not stored"
+    );
+
+    let helper = agent_info("helper", Some("gpt-x"));
+    let applied = ok(
+        &store,
+        &r,
+        Command::AddAgent {
+            actor: alice.id.clone(),
+            agent: helper.clone(),
+        },
+    )
+    .await;
+    assert_eq!(applied.seq, 2);
+    assert_eq!(
+        applied.event.expect("agent.added").event,
+        EventBody::AgentAdded {
+            agent: helper.clone(),
+            by: alice.id.clone()
+        }
+    );
+    let bot = AgentInfo {
+        name: "bot".into(),
+        model: None,
+        system_prompt: None,
+        provider: Some("local".into()),
+    };
+    ok(
+        &store,
+        &r,
+        Command::AddAgent {
+            actor: alice.id.clone(),
+            agent: bot.clone(),
+        },
+    )
+    .await;
+    let default_ai = AgentInfo::default_agent();
+    ok(
+        &store,
+        &r,
+        Command::AddAgent {
+            actor: alice.id.clone(),
+            agent: default_ai.clone(),
+        },
+    )
+    .await;
+    assert_eq!(
+        store.agents(&r).await.expect("agents"),
+        vec![default_ai.clone(), bot, helper.clone()],
+        "by name"
+    );
+
+    let before = head(&store, &r).await;
+    assert_eq!(
+        refused(
+            one(
+                &store,
+                &r,
+                Command::AddAgent {
+                    actor: alice.id.clone(),
+                    agent: agent_info("helper", Some("another model")),
+                },
+            )
+            .await
+        ),
+        ErrorCode::Conflict
+    );
+    assert_eq!(
+        refused(
+            one(
+                &store,
+                &r,
+                Command::AddAgent {
+                    actor: alice.id.clone(),
+                    agent: default_ai,
+                },
+            )
+            .await
+        ),
+        ErrorCode::Conflict,
+        "the default counts once stored"
+    );
+    assert_eq!(head(&store, &r).await, before, "a refusal appends nothing");
+    assert_eq!(
+        store.agents(&r).await.expect("agents")[2],
+        helper,
+        "the first one is kept"
+    );
+
+    // Names are per room.
+    ok(
+        &store,
+        &other,
+        Command::AddAgent {
+            actor: alice.id.clone(),
+            agent: agent_info("helper", None),
+        },
+    )
+    .await;
+    assert_eq!(
+        store.agents(&other).await.expect("agents"),
+        vec![agent_info("helper", None)]
+    );
+    assert_eq!(
+        refused(
+            one(
+                &store,
+                &RoomId::random(),
+                Command::AddAgent {
+                    actor: alice.id.clone(),
+                    agent: agent_info("x", None),
+                },
+            )
+            .await
+        ),
+        ErrorCode::RoomNotFound
+    );
+}
+
+async fn answer_lifecycle_with_partials_and_usage(store: Arc<dyn Store>) {
+    let alice = user(&store, "alice").await;
+    let r = room(&store, &alice).await;
+    let (trigger, _) = post(&store, &r, &alice, "@helper what is 2+2?").await;
+
+    let id = start(&store, &r, "helper", &trigger, &alice).await;
+    assert_eq!(
+        refused(one(&store, &r, start_cmd("helper", &id, &trigger, &alice)).await),
+        ErrorCode::Conflict,
+        "an answer starts once"
+    );
+    let partial = |text: &str| Partial {
+        room: r.clone(),
+        message_id: id.clone(),
+        agent: "helper".into(),
+        trigger_message_id: trigger.clone(),
+        trigger_author: alice.id.clone(),
+        text: text.to_owned(),
+    };
+    assert_eq!(
+        store.partials(&r).await.expect("partials"),
+        vec![partial("")]
+    );
+    store
+        .save_partial(&r, &id, "It is")
+        .await
+        .expect("checkpoint");
+    assert_eq!(
+        store.partials(&r).await.expect("partials"),
+        vec![partial("It is")]
+    );
+    store
+        .save_partial(&r, &MessageId::random(), "nobody")
+        .await
+        .expect("an unknown answer is a no-op");
+    store
+        .save_partial(&RoomId::random(), &id, "wrong room")
+        .await
+        .expect("another room's answer is a no-op");
+    assert_eq!(
+        store.partials(&r).await.expect("partials"),
+        vec![partial("It is")]
+    );
+    assert!(store
+        .partials(&RoomId::random())
+        .await
+        .expect("partials")
+        .is_empty());
+
+    // Finish, and in the same batch reply to the answer (the post sees it).
+    let results = store
+        .append(vec![
+            Write {
+                room: r.clone(),
+                command: finish_cmd(
+                    "helper",
+                    &id,
+                    &trigger,
+                    &alice,
+                    "It is 4.",
+                    AnswerOutcome::Completed,
+                    usage(10, 5),
+                ),
+            },
+            Write {
+                room: r.clone(),
+                command: Command::PostMessage {
+                    author: author(&alice),
+                    client_msg_id: "thanks".into(),
+                    text: "thanks".into(),
+                    reply_to: Some(id.clone()),
+                },
+            },
+        ])
+        .await
+        .expect("backend up");
+    let finished = results[0].clone().expect("the finish applies");
+    results[1].clone().expect("a reply to the answer applies");
+    assert_eq!(finished.message_id.as_ref(), Some(&id));
+    let event = finished.event.clone().expect("ai.completed");
+    let EventBody::AiCompleted {
+        message,
+        usage: used,
+    } = &event.event
+    else {
+        panic!("expected ai.completed, got {:?}", event.event)
+    };
+    assert_eq!(*used, usage(10, 5));
+    assert_eq!(
+        (
+            &message.id,
+            &message.room,
+            message.seq,
+            &message.author,
+            message.text.as_str()
+        ),
+        (&id, &r, finished.seq, &agent_author("helper"), "It is 4.")
+    );
+    assert_eq!(message.reply_to_message.as_ref(), Some(&trigger));
+    assert!(!message.deleted && message.edited_at.is_none() && message.reactions.is_empty());
+    assert_eq!(message.created_at, event.at);
+    assert!(store.partials(&r).await.expect("partials").is_empty());
+
+    // History shows it as the agent's message.
+    let page = store.messages(&r, None, None, 10).await.expect("messages");
+    let listed = page
+        .messages
+        .iter()
+        .find(|m| m.id == id)
+        .expect("the answer is in history");
+    assert_eq!(listed, message);
+    assert_eq!(listed.author.kind, AuthorKind::Ai);
+    assert_eq!(
+        store.message(&r, &id).await.expect("message").as_ref(),
+        Some(message)
+    );
+    let log = events(&store, &r).await;
+    assert_eq!(
+        log.iter().map(|e| e.event.kind()).collect::<Vec<_>>(),
+        vec![
+            "member.joined",
+            "message.created",
+            "ai.started",
+            "ai.completed",
+            "message.created"
+        ]
+    );
+    assert_eq!(log[3], event, "the log keeps the event as applied");
+
+    // The ledger.
+    let since = Timestamp(0);
+    assert_eq!(
+        store.room_usage(&r, since).await.expect("usage"),
+        totals(10, 5, 1)
+    );
+    assert_eq!(
+        store.user_usage(&alice.id, since).await.expect("usage"),
+        totals(10, 5, 1)
+    );
+    assert_eq!(
+        store.room_usage_by_user(&r, since).await.expect("usage"),
+        vec![(alice.id.clone(), totals(10, 5, 1))]
+    );
+
+    // Finishing again (a retry) is refused and writes nothing.
+    let before = head(&store, &r).await;
+    assert_eq!(
+        refused(
+            one(
+                &store,
+                &r,
+                finish_cmd(
+                    "helper",
+                    &id,
+                    &trigger,
+                    &alice,
+                    "It is 4.",
+                    AnswerOutcome::Completed,
+                    usage(10, 5)
+                )
+            )
+            .await
+        ),
+        ErrorCode::Conflict
+    );
+    assert_eq!(head(&store, &r).await, before);
+    assert_eq!(
+        store.room_usage(&r, since).await.expect("usage"),
+        totals(10, 5, 1)
+    );
+    store
+        .save_partial(&r, &id, "late delta")
+        .await
+        .expect("a finished answer's checkpoint is a no-op");
+    assert!(store.partials(&r).await.expect("partials").is_empty());
+    assert_eq!(
+        store
+            .message(&r, &id)
+            .await
+            .expect("message")
+            .map(|m| m.text),
+        Some("It is 4.".to_owned())
+    );
+
+    // Two finishes of one answer in one batch: the second is refused on its own.
+    let id2 = start(&store, &r, "helper", &trigger, &alice).await;
+    let finish2 = || Write {
+        room: r.clone(),
+        command: finish_cmd(
+            "helper",
+            &id2,
+            &trigger,
+            &alice,
+            "again",
+            AnswerOutcome::Completed,
+            None,
+        ),
+    };
+    let results = store
+        .append(vec![finish2(), finish2()])
+        .await
+        .expect("backend up");
+    assert!(results[0].is_ok());
+    assert_eq!(refused(results[1].clone()), ErrorCode::Conflict);
+    assert_eq!(
+        store.room_usage(&r, since).await.expect("usage"),
+        totals(10, 5, 1),
+        "no usage, no ledger row"
+    );
+
+    // Several payers, in several rooms.
+    let bob = user(&store, "bob").await;
+    let carol = user(&store, "carol").await;
+    join(&store, &r, &alice, &bob, Role::Member).await;
+    join(&store, &r, &alice, &carol, Role::Member).await;
+    for (payer, used) in [
+        (&bob, usage(100, 50)),
+        (&carol, usage(7, 8)),
+        (&bob, usage(1, 1)),
+    ] {
+        let answer = start(&store, &r, "ai", &trigger, payer).await;
+        ok(
+            &store,
+            &r,
+            finish_cmd(
+                "ai",
+                &answer,
+                &trigger,
+                payer,
+                "ok",
+                AnswerOutcome::Completed,
+                used,
+            ),
+        )
+        .await;
+    }
+    let elsewhere = room(&store, &bob).await;
+    let (other_trigger, _) = post(&store, &elsewhere, &bob, "@ai hi").await;
+    let answer = start(&store, &elsewhere, "ai", &other_trigger, &bob).await;
+    ok(
+        &store,
+        &elsewhere,
+        finish_cmd(
+            "ai",
+            &answer,
+            &other_trigger,
+            &bob,
+            "hi",
+            AnswerOutcome::Completed,
+            usage(1000, 1000),
+        ),
+    )
+    .await;
+    assert_eq!(
+        store.room_usage(&r, since).await.expect("usage"),
+        totals(118, 64, 4)
+    );
+    assert_eq!(
+        store.room_usage(&r, since).await.expect("usage").total(),
+        182
+    );
+    assert_eq!(
+        store.user_usage(&bob.id, since).await.expect("usage"),
+        totals(1101, 1051, 3),
+        "a user's usage spans rooms"
+    );
+    // Total desc, then user id: alice and carol both used 15.
+    let mut tied = vec![
+        (alice.id.clone(), totals(10, 5, 1)),
+        (carol.id.clone(), totals(7, 8, 1)),
+    ];
+    tied.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut expected = vec![(bob.id.clone(), totals(101, 51, 2))];
+    expected.extend(tied);
+    assert_eq!(
+        store.room_usage_by_user(&r, since).await.expect("usage"),
+        expected
+    );
+    assert_eq!(
+        store
+            .room_usage(&RoomId::random(), since)
+            .await
+            .expect("usage"),
+        UsageTotals::default()
+    );
+}
+
+async fn cancelled_and_failed_answers(store: Arc<dyn Store>) {
+    let alice = user(&store, "alice").await;
+    let r = room(&store, &alice).await;
+    let (trigger, _) = post(&store, &r, &alice, "@ai write a poem").await;
+
+    // Cancelled before any text: an event, no message.
+    let cancelled = start(&store, &r, "ai", &trigger, &alice).await;
+    let applied = ok(
+        &store,
+        &r,
+        finish_cmd(
+            "ai",
+            &cancelled,
+            &trigger,
+            &alice,
+            "",
+            AnswerOutcome::Cancelled {
+                by: alice.id.clone(),
+            },
+            None,
+        ),
+    )
+    .await;
+    let EventBody::AiCancelled { message, by } = &applied.event.as_ref().expect("event").event
+    else {
+        panic!("ai.cancelled")
+    };
+    assert_eq!(by, &alice.id);
+    assert_eq!(
+        (&message.id, message.seq, message.text.as_str()),
+        (&cancelled, applied.seq, "")
+    );
+    assert_eq!(store.message(&r, &cancelled).await.expect("message"), None);
+    assert!(store.partials(&r).await.expect("partials").is_empty());
+
+    // Failed after some text: the text is kept as a message.
+    let failed = start(&store, &r, "ai", &trigger, &alice).await;
+    store
+        .save_partial(&r, &failed, "Roses are")
+        .await
+        .expect("checkpoint");
+    let applied = ok(
+        &store,
+        &r,
+        finish_cmd(
+            "ai",
+            &failed,
+            &trigger,
+            &alice,
+            "Roses are",
+            AnswerOutcome::Failed {
+                code: "provider_error".into(),
+                reason: "upstream timed out".into(),
+            },
+            usage(3, 2),
+        ),
+    )
+    .await;
+    let EventBody::AiFailed {
+        message,
+        code,
+        reason,
+    } = &applied.event.as_ref().expect("event").event
+    else {
+        panic!("ai.failed")
+    };
+    assert_eq!(
+        (code.as_str(), reason.as_str()),
+        ("provider_error", "upstream timed out")
+    );
+    let stored = store
+        .message(&r, &failed)
+        .await
+        .expect("message")
+        .expect("the streamed text is kept");
+    assert_eq!(&stored, message);
+    assert_eq!(
+        (stored.text.as_str(), stored.author.kind, stored.seq),
+        ("Roses are", AuthorKind::Ai, applied.seq)
+    );
+
+    // Cancelled after some text: kept too. Failed with nothing: not kept.
+    let partly = start(&store, &r, "ai", &trigger, &alice).await;
+    ok(
+        &store,
+        &r,
+        finish_cmd(
+            "ai",
+            &partly,
+            &trigger,
+            &alice,
+            "Violets",
+            AnswerOutcome::Cancelled {
+                by: alice.id.clone(),
+            },
+            None,
+        ),
+    )
+    .await;
+    let empty_failure = start(&store, &r, "ai", &trigger, &alice).await;
+    let applied = ok(
+        &store,
+        &r,
+        finish_cmd(
+            "ai",
+            &empty_failure,
+            &trigger,
+            &alice,
+            "",
+            AnswerOutcome::Failed {
+                code: "x".into(),
+                reason: "y".into(),
+            },
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(answer_of(&applied).text, "");
+    // A completed answer is kept even when empty.
+    let empty_done = start(&store, &r, "ai", &trigger, &alice).await;
+    ok(
+        &store,
+        &r,
+        finish_cmd(
+            "ai",
+            &empty_done,
+            &trigger,
+            &alice,
+            "",
+            AnswerOutcome::Completed,
+            None,
+        ),
+    )
+    .await;
+    let history: Vec<MessageId> = store
+        .messages(&r, None, None, 50)
+        .await
+        .expect("messages")
+        .messages
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(
+        history,
+        vec![trigger.clone(), failed.clone(), partly, empty_done]
+    );
+    assert_eq!(
+        store.room_usage(&r, Timestamp(0)).await.expect("usage"),
+        totals(3, 2, 1)
+    );
+
+    // Deleting an answer redacts its events like a post's.
+    ok(
+        &store,
+        &r,
+        Command::DeleteMessage {
+            actor: alice.id.clone(),
+            actor_is_admin: true,
+            message_id: failed.clone(),
+        },
+    )
+    .await;
+    let log = events(&store, &r).await;
+    assert!(!serde_json::to_string(&log).expect("json").contains("Roses"));
+    let tombstone = store
+        .message(&r, &failed)
+        .await
+        .expect("message")
+        .expect("a tombstone");
+    assert!(tombstone.deleted && tombstone.text.is_empty());
+}
+
+async fn search_messages_is_a_literal_substring(store: Arc<dyn Store>) {
+    let alice = user(&store, "alice").await;
+    let r = room(&store, &alice).await;
+    let other = room(&store, &alice).await;
+    let (hello_world, _) = post(&store, &r, &alice, "Hello World").await;
+    let (say_hello, _) = post(&store, &r, &alice, "say hello").await;
+    let (gone, _) = post(&store, &r, &alice, "hello, deleted").await;
+    let (again, _) = post(&store, &r, &alice, "HELLO again").await;
+    post(&store, &r, &alice, "goodbye").await;
+    let (percent, _) = post(&store, &r, &alice, "100% sure").await;
+    post(&store, &r, &alice, "100 percent").await;
+    let (snake, _) = post(&store, &r, &alice, "snake_case").await;
+    post(&store, &r, &alice, "snakeXcase").await;
+    post(&store, &other, &alice, "hello from elsewhere").await;
+    ok(
+        &store,
+        &r,
+        Command::React {
+            actor: alice.id.clone(),
+            message_id: say_hello.clone(),
+            emoji: "👋".into(),
+            on: true,
+        },
+    )
+    .await;
+    ok(
+        &store,
+        &r,
+        Command::DeleteMessage {
+            actor: alice.id.clone(),
+            actor_is_admin: false,
+            message_id: gone,
+        },
+    )
+    .await;
+
+    let search = |query: &str, limit: u32| {
+        let (store, r, query) = (store.clone(), r.clone(), query.to_owned());
+        async move {
+            store
+                .search_messages(&r, &query, limit)
+                .await
+                .expect("search")
+        }
+    };
+    let ids = |messages: Vec<Message>| messages.into_iter().map(|m| m.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(search("hello", 10).await),
+        vec![again.clone(), say_hello.clone(), hello_world.clone()],
+        "case-insensitive, newest first, without the deleted one or other rooms"
+    );
+    assert_eq!(
+        ids(search("hElLo", 2).await),
+        vec![again, say_hello.clone()]
+    );
+    assert_eq!(ids(search("%", 10).await), vec![percent.clone()]);
+    assert_eq!(ids(search("0% s", 10).await), vec![percent]);
+    assert_eq!(ids(search("e_c", 10).await), vec![snake]);
+    assert!(search("nothing like it", 10).await.is_empty());
+    let found = search("say", 10).await;
+    assert_eq!(found.len(), 1);
+    assert_eq!(
+        (
+            found[0].text.as_str(),
+            found[0].author.clone(),
+            found[0].room.clone()
+        ),
+        ("say hello", author(&alice), r.clone())
+    );
+    assert_eq!(found[0].reactions.len(), 1, "reactions are filled in");
+    assert!(store
+        .search_messages(&RoomId::random(), "hello", 10)
+        .await
+        .expect("search")
+        .is_empty());
+}
+
+async fn message_lookup_by_id(store: Arc<dyn Store>) {
+    let alice = user(&store, "alice").await;
+    let r = room(&store, &alice).await;
+    let other = room(&store, &alice).await;
+    let (id, seq) = post(&store, &r, &alice, "look me up").await;
+    let (elsewhere, _) = post(&store, &other, &alice, "not here").await;
+    ok(
+        &store,
+        &r,
+        Command::React {
+            actor: alice.id.clone(),
+            message_id: id.clone(),
+            emoji: "👍".into(),
+            on: true,
+        },
+    )
+    .await;
+    let found = store
+        .message(&r, &id)
+        .await
+        .expect("message")
+        .expect("found");
+    assert_eq!(
+        (
+            found.text.as_str(),
+            found.seq,
+            found.author.clone(),
+            found.deleted
+        ),
+        ("look me up", seq, author(&alice), false)
+    );
+    assert_eq!(found.reactions.len(), 1);
+    assert_eq!(found.reactions[0].users, vec![alice.id.clone()]);
+    assert_eq!(
+        store
+            .message(&r, &MessageId::random())
+            .await
+            .expect("message"),
+        None
+    );
+    assert_eq!(
+        store.message(&r, &elsewhere).await.expect("message"),
+        None,
+        "another room's message"
+    );
+    ok(
+        &store,
+        &r,
+        Command::DeleteMessage {
+            actor: alice.id.clone(),
+            actor_is_admin: false,
+            message_id: id.clone(),
+        },
+    )
+    .await;
+    let tombstone = store
+        .message(&r, &id)
+        .await
+        .expect("message")
+        .expect("a tombstone");
+    assert!(tombstone.deleted && tombstone.text.is_empty() && tombstone.reactions.is_empty());
+}
+
+async fn summaries_are_upserted(store: Arc<dyn Store>) {
+    let alice = user(&store, "alice").await;
+    let r = room(&store, &alice).await;
+    let other = room(&store, &alice).await;
+    assert_eq!(store.summary(&r, "ai").await.expect("summary"), None);
+    store
+        .save_summary(&r, "ai", "they said hi", 5)
+        .await
+        .expect("saved");
+    assert_eq!(
+        store.summary(&r, "ai").await.expect("summary"),
+        Some(("they said hi".to_owned(), 5))
+    );
+    store
+        .save_summary(&r, "ai", "they said hi, then bye", 9)
+        .await
+        .expect("replaced");
+    assert_eq!(
+        store.summary(&r, "ai").await.expect("summary"),
+        Some(("they said hi, then bye".to_owned(), 9))
+    );
+    assert_eq!(store.summary(&r, "helper").await.expect("summary"), None);
+    assert_eq!(store.summary(&other, "ai").await.expect("summary"), None);
+    store
+        .save_summary(&r, "helper", "other view", 3)
+        .await
+        .expect("saved");
+    assert_eq!(
+        store.summary(&r, "ai").await.expect("summary"),
+        Some(("they said hi, then bye".to_owned(), 9)),
+        "per agent"
+    );
+}
+
+async fn usage_since_excludes_older_rows(store: Arc<dyn Store>) {
+    let alice = user(&store, "alice").await;
+    let r = room(&store, &alice).await;
+    let (trigger, _) = post(&store, &r, &alice, "@ai hi").await;
+    let before = Timestamp::now();
+    for _ in 0..2 {
+        let id = start(&store, &r, "ai", &trigger, &alice).await;
+        ok(
+            &store,
+            &r,
+            finish_cmd(
+                "ai",
+                &id,
+                &trigger,
+                &alice,
+                "hi",
+                AnswerOutcome::Completed,
+                usage(4, 6),
+            ),
+        )
+        .await;
+    }
+    assert_eq!(
+        store.room_usage(&r, before).await.expect("usage"),
+        totals(8, 12, 2),
+        "since is inclusive"
+    );
+    let future = Timestamp(Timestamp::now().millis() + 60_000);
+    assert_eq!(
+        store.room_usage(&r, future).await.expect("usage"),
+        UsageTotals::default()
+    );
+    assert_eq!(
+        store.user_usage(&alice.id, future).await.expect("usage"),
+        UsageTotals::default()
+    );
+    assert!(store
+        .room_usage_by_user(&r, future)
+        .await
+        .expect("usage")
+        .is_empty());
+    assert_eq!(
+        store.user_usage(&alice.id, before).await.expect("usage"),
+        totals(8, 12, 2)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // Runners: every behaviour against every backend, each on a database of its own.
 
 macro_rules! conformance {
@@ -1226,6 +2134,13 @@ conformance!(
     users_are_unique_case_insensitively,
     room_state_members_and_head,
     concurrent_appends_stay_gap_free,
+    agents_are_added_once_per_room,
+    answer_lifecycle_with_partials_and_usage,
+    cancelled_and_failed_answers,
+    search_messages_is_a_literal_substring,
+    message_lookup_by_id,
+    summaries_are_upserted,
+    usage_since_excludes_older_rows,
 );
 
 #[test]

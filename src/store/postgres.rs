@@ -20,11 +20,11 @@ use tokio_postgres::types::FromSql;
 use tokio_postgres::{NoTls, Row};
 
 use cochat_actors::error::{DomainError, ErrorCode, StoreError};
-use cochat_actors::event::{Author, EventBody, Message, StoredEvent, UserRef};
+use cochat_actors::event::{AgentInfo, Author, EventBody, Message, StoredEvent, Usage, UserRef};
 use cochat_actors::ids::{MessageId, Role, RoomId, Seq, UserId};
 use cochat_actors::ports::{
-    Applied, Command, Member, MessagePage, NewInvite, RoomInfo, RoomListing, RoomLog, RoomState,
-    Store, User, Write, WriteResult,
+    AnswerOutcome, Applied, Command, Member, MessagePage, NewInvite, Partial, RoomInfo,
+    RoomListing, RoomLog, RoomState, Store, UsageTotals, User, Write, WriteResult,
 };
 use cochat_actors::time::Timestamp;
 
@@ -37,7 +37,10 @@ const DEFAULT_POOL_SIZE: usize = 16;
 const MIGRATION_LOCK: i64 = 0x636f_6368_6174;
 
 /// Embedded migrations, applied in order, each once.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../sql/postgres/V001__init.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../../sql/postgres/V001__init.sql")),
+    (2, include_str!("../../sql/postgres/V002__ai.sql")),
+];
 
 /// A backend failure with its cause chain: tokio-postgres' own `Display` stops at the kind
 /// ("db error"), and the cause is what an operator needs in the log.
@@ -313,6 +316,17 @@ impl Pending {
     }
 }
 
+/// The fields of `Command::FinishAnswer`.
+struct Answer {
+    author: Author,
+    message_id: MessageId,
+    trigger_message_id: MessageId,
+    charge_to: UserId,
+    text: String,
+    outcome: AnswerOutcome,
+    usage: Option<Usage>,
+}
+
 /// State of one `append` call.
 struct Batch<'t, 'c> {
     tx: &'t deadpool_postgres::Transaction<'c>,
@@ -420,9 +434,41 @@ impl Batch<'_, '_> {
                     Command::PostMessage { .. } => {
                         Err(StoreError::Backend("post handled above".into()))
                     }
-                    // TEMPORARY until the AI tables land in this driver.
-                    Command::AddAgent { .. } | Command::StartAnswer { .. } | Command::FinishAnswer { .. } => {
-                        Ok(Err(DomainError::validation("AI commands are not implemented by this store yet")))
+                    Command::AddAgent { actor, agent } => self.add_agent(room, actor, agent).await,
+                    Command::StartAnswer {
+                        agent,
+                        message_id,
+                        trigger_message_id,
+                        trigger_author,
+                    } => {
+                        self.start_answer(
+                            room,
+                            agent,
+                            message_id,
+                            trigger_message_id,
+                            trigger_author,
+                        )
+                        .await
+                    }
+                    Command::FinishAnswer {
+                        author,
+                        message_id,
+                        trigger_message_id,
+                        charge_to,
+                        text,
+                        outcome,
+                        usage,
+                    } => {
+                        let answer = Answer {
+                            author,
+                            message_id,
+                            trigger_message_id,
+                            charge_to,
+                            text,
+                            outcome,
+                            usage,
+                        };
+                        self.finish_answer(room, answer).await
                     }
                 }
             }
@@ -847,6 +893,168 @@ impl Batch<'_, '_> {
         let event = self.next_event(&room, body, Timestamp::now())?;
         Ok(Ok(Self::applied(event, None, Some(role))))
     }
+
+    async fn add_agent(
+        &mut self,
+        room: RoomId,
+        actor: UserId,
+        agent: AgentInfo,
+    ) -> Result<WriteResult, StoreError> {
+        let at = Timestamp::now();
+        let statement = self
+            .tx
+            .prepare_cached(
+                "INSERT INTO agents (room_id, name, model, system_prompt, provider, created_by, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (room_id, name) DO NOTHING",
+            )
+            .await
+            .map_err(backend)?;
+        let inserted = self
+            .tx
+            .execute(
+                &statement,
+                &[
+                    &room.0,
+                    &agent.name,
+                    &agent.model,
+                    &agent.system_prompt,
+                    &agent.provider,
+                    &actor.0,
+                    &at.millis(),
+                ],
+            )
+            .await
+            .map_err(backend)?;
+        if inserted == 0 {
+            return Ok(Err(shared::agent_exists()));
+        }
+        let event = self.next_event(&room, EventBody::AgentAdded { agent, by: actor }, at)?;
+        Ok(Ok(Self::applied(event, None, None)))
+    }
+
+    async fn start_answer(
+        &mut self,
+        room: RoomId,
+        agent: String,
+        message_id: MessageId,
+        trigger_message_id: MessageId,
+        trigger_author: UserId,
+    ) -> Result<WriteResult, StoreError> {
+        let tx = self.tx;
+        let statement = tx
+            .prepare_cached("SELECT 1 FROM messages WHERE id = $1")
+            .await
+            .map_err(backend)?;
+        if tx
+            .query_opt(&statement, &[&message_id.0])
+            .await
+            .map_err(backend)?
+            .is_some()
+        {
+            return Ok(Err(shared::answer_exists()));
+        }
+        let at = Timestamp::now();
+        let statement = tx
+            .prepare_cached(
+                "INSERT INTO ai_partials (message_id, room_id, agent, trigger_message_id, \
+                 trigger_author, text, updated_at) VALUES ($1, $2, $3, $4, $5, '', $6) \
+                 ON CONFLICT (message_id) DO NOTHING",
+            )
+            .await
+            .map_err(backend)?;
+        let inserted = tx
+            .execute(
+                &statement,
+                &[
+                    &message_id.0,
+                    &room.0,
+                    &agent,
+                    &trigger_message_id.0,
+                    &trigger_author.0,
+                    &at.millis(),
+                ],
+            )
+            .await
+            .map_err(backend)?;
+        if inserted == 0 {
+            return Ok(Err(shared::answer_exists()));
+        }
+        let body = EventBody::AiStarted {
+            message_id: message_id.clone(),
+            agent,
+            trigger_message_id,
+            trigger_author,
+        };
+        let event = self.next_event(&room, body, at)?;
+        Ok(Ok(Self::applied(event, Some(message_id), None)))
+    }
+
+    async fn finish_answer(
+        &mut self,
+        room: RoomId,
+        answer: Answer,
+    ) -> Result<WriteResult, StoreError> {
+        let tx = self.tx;
+        // Taking the checkpoint away is what makes finishing happen once: a retry finds nothing
+        // and is refused before anything is written.
+        let statement = tx
+            .prepare_cached(
+                "DELETE FROM ai_partials WHERE message_id = $1 AND room_id = $2 RETURNING agent",
+            )
+            .await
+            .map_err(backend)?;
+        if tx
+            .query_opt(&statement, &[&answer.message_id.0, &room.0])
+            .await
+            .map_err(backend)?
+            .is_none()
+        {
+            return Ok(Err(shared::answer_finished()));
+        }
+        let at = Timestamp::now();
+        let message = shared::answer_message(
+            &room,
+            self.head(&room) + 1,
+            answer.author,
+            answer.message_id,
+            answer.trigger_message_id,
+            answer.text,
+            at.millis(),
+        );
+        if let Some(usage) = answer.usage {
+            let statement = tx
+                .prepare_cached(
+                    "INSERT INTO ai_usage (room_id, user_id, agent, message_id, prompt_tokens, \
+                     completion_tokens, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .await
+                .map_err(backend)?;
+            tx.execute(
+                &statement,
+                &[
+                    &room.0,
+                    &answer.charge_to.0,
+                    &shared::agent_name_of(&message.author.id),
+                    &message.id.0,
+                    &shared::tokens_to_db(usage.prompt_tokens),
+                    &shared::tokens_to_db(usage.completion_tokens),
+                    &at.millis(),
+                ],
+            )
+            .await
+            .map_err(backend)?;
+        }
+        if shared::answer_is_kept(&answer.outcome, &message.text) {
+            self.pending
+                .push_message(&message, shared::answer_client_msg_id(&message.id));
+            self.reply_rooms
+                .insert(message.id.0.clone(), room.0.clone());
+        }
+        let message_id = message.id.clone();
+        let body = shared::answer_event(message, answer.outcome, answer.usage);
+        let event = self.next_event(&room, body, at)?;
+        Ok(Ok(Self::applied(event, Some(message_id), None)))
+    }
 }
 
 async fn member_role_in(
@@ -1100,6 +1308,42 @@ fn message_from_row(room: &RoomId, row: &Row) -> Result<Message, StoreError> {
         deleted: get(row, 9)?,
         reactions: Vec::new(),
     })
+}
+
+/// Messages from rows of `MESSAGE_COLUMNS`, with their reactions.
+async fn messages_with_reactions(
+    client: &impl deadpool_postgres::GenericClient,
+    room: &RoomId,
+    rows: &[Row],
+) -> Result<Vec<Message>, StoreError> {
+    let mut messages = rows
+        .iter()
+        .map(|row| message_from_row(room, row))
+        .collect::<Result<Vec<_>, _>>()?;
+    let ids: Vec<String> = messages
+        .iter()
+        .map(|message| message.id.0.clone())
+        .collect();
+    let mut reactions = reactions_of(client, &ids).await?;
+    for message in &mut messages {
+        if let Some(summary) = reactions.remove(&message.id.0) {
+            message.reactions = summary;
+        }
+    }
+    Ok(messages)
+}
+
+/// `SUM(prompt_tokens), SUM(completion_tokens), COUNT(*)` of `ai_usage` rows (SUM of BIGINT is
+/// NUMERIC in Postgres: cast back).
+const USAGE_SUMS: &str = "COALESCE(SUM(prompt_tokens), 0)::int8, \
+    COALESCE(SUM(completion_tokens), 0)::int8, COUNT(*)";
+
+fn usage_from_row(row: &Row, first: usize) -> Result<UsageTotals, StoreError> {
+    Ok(shared::usage_totals(
+        get(row, first)?,
+        get(row, first + 1)?,
+        get(row, first + 2)?,
+    ))
 }
 
 #[async_trait]
@@ -1391,23 +1635,10 @@ impl Store for PostgresStore {
             .await
             .map_err(backend)?;
         let has_more = rows.len() as i64 > i64::from(limit);
-        let mut messages = rows
-            .iter()
-            .take(limit as usize)
-            .map(|row| message_from_row(room, row))
-            .collect::<Result<Vec<_>, _>>()?;
+        let kept = rows.len().min(limit as usize);
+        let mut messages = messages_with_reactions(&client, room, &rows[..kept]).await?;
         if !forward {
             messages.reverse();
-        }
-        let ids: Vec<String> = messages
-            .iter()
-            .map(|message| message.id.0.clone())
-            .collect();
-        let mut reactions = reactions_of(&client, &ids).await?;
-        for message in &mut messages {
-            if let Some(summary) = reactions.remove(&message.id.0) {
-                message.reactions = summary;
-            }
         }
         Ok(MessagePage { messages, has_more })
     }
@@ -1436,6 +1667,224 @@ impl Store for PostgresStore {
         let client = self.client().await?;
         client.simple_query("SELECT 1").await.map_err(backend)?;
         Ok(())
+    }
+
+    async fn agents(&self, room: &RoomId) -> Result<Vec<AgentInfo>, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT name, model, system_prompt, provider FROM agents WHERE room_id = $1 \
+                 ORDER BY name COLLATE \"C\"",
+            )
+            .await
+            .map_err(backend)?;
+        client
+            .query(&statement, &[&room.0])
+            .await
+            .map_err(backend)?
+            .iter()
+            .map(|row| {
+                Ok(AgentInfo {
+                    name: get(row, 0)?,
+                    model: get(row, 1)?,
+                    system_prompt: get(row, 2)?,
+                    provider: get(row, 3)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn message(&self, room: &RoomId, id: &MessageId) -> Result<Option<Message>, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = $1 AND room_id = $2"
+            ))
+            .await
+            .map_err(backend)?;
+        let rows = client
+            .query(&statement, &[&id.0, &room.0])
+            .await
+            .map_err(backend)?;
+        Ok(messages_with_reactions(&client, room, &rows).await?.pop())
+    }
+
+    async fn search_messages(
+        &self,
+        room: &RoomId,
+        query: &str,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError> {
+        let client = self.client().await?;
+        // strpos, not LIKE: the query is a plain substring (`%` and `_` are literal).
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = $1 AND NOT deleted \
+                 AND strpos(lower(text), lower($2)) > 0 ORDER BY seq DESC LIMIT $3"
+            ))
+            .await
+            .map_err(backend)?;
+        let rows = client
+            .query(&statement, &[&room.0, &query, &i64::from(limit)])
+            .await
+            .map_err(backend)?;
+        messages_with_reactions(&client, room, &rows).await
+    }
+
+    async fn save_partial(
+        &self,
+        room: &RoomId,
+        message_id: &MessageId,
+        text: &str,
+    ) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "UPDATE ai_partials SET text = $3, updated_at = $4 WHERE message_id = $1 AND room_id = $2",
+            )
+            .await
+            .map_err(backend)?;
+        client
+            .execute(
+                &statement,
+                &[&message_id.0, &room.0, &text, &Timestamp::now().millis()],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn partials(&self, room: &RoomId) -> Result<Vec<Partial>, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT message_id, agent, trigger_message_id, trigger_author, text \
+                 FROM ai_partials WHERE room_id = $1 ORDER BY message_id COLLATE \"C\"",
+            )
+            .await
+            .map_err(backend)?;
+        client
+            .query(&statement, &[&room.0])
+            .await
+            .map_err(backend)?
+            .iter()
+            .map(|row| {
+                Ok(Partial {
+                    room: room.clone(),
+                    message_id: MessageId(get(row, 0)?),
+                    agent: get(row, 1)?,
+                    trigger_message_id: MessageId(get(row, 2)?),
+                    trigger_author: UserId(get(row, 3)?),
+                    text: get(row, 4)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn summary(
+        &self,
+        room: &RoomId,
+        agent: &str,
+    ) -> Result<Option<(String, Seq)>, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT summary, through_seq FROM ai_summaries WHERE room_id = $1 AND agent = $2",
+            )
+            .await
+            .map_err(backend)?;
+        let row = client
+            .query_opt(&statement, &[&room.0, &agent])
+            .await
+            .map_err(backend)?;
+        row.map(|row| Ok((get(&row, 0)?, get(&row, 1)?)))
+            .transpose()
+    }
+
+    async fn save_summary(
+        &self,
+        room: &RoomId,
+        agent: &str,
+        summary: &str,
+        through_seq: Seq,
+    ) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "INSERT INTO ai_summaries (room_id, agent, summary, through_seq, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (room_id, agent) DO UPDATE SET \
+                 summary = EXCLUDED.summary, through_seq = EXCLUDED.through_seq, \
+                 updated_at = EXCLUDED.updated_at",
+            )
+            .await
+            .map_err(backend)?;
+        client
+            .execute(
+                &statement,
+                &[
+                    &room.0,
+                    &agent,
+                    &summary,
+                    &through_seq,
+                    &Timestamp::now().millis(),
+                ],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn room_usage(&self, room: &RoomId, since: Timestamp) -> Result<UsageTotals, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT {USAGE_SUMS} FROM ai_usage WHERE room_id = $1 AND created_at >= $2"
+            ))
+            .await
+            .map_err(backend)?;
+        let row = client
+            .query_one(&statement, &[&room.0, &since.millis()])
+            .await
+            .map_err(backend)?;
+        usage_from_row(&row, 0)
+    }
+
+    async fn user_usage(&self, user: &UserId, since: Timestamp) -> Result<UsageTotals, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT {USAGE_SUMS} FROM ai_usage WHERE user_id = $1 AND created_at >= $2"
+            ))
+            .await
+            .map_err(backend)?;
+        let row = client
+            .query_one(&statement, &[&user.0, &since.millis()])
+            .await
+            .map_err(backend)?;
+        usage_from_row(&row, 0)
+    }
+
+    async fn room_usage_by_user(
+        &self,
+        room: &RoomId,
+        since: Timestamp,
+    ) -> Result<Vec<(UserId, UsageTotals)>, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT user_id, {USAGE_SUMS} FROM ai_usage WHERE room_id = $1 AND created_at >= $2 \
+                 GROUP BY user_id \
+                 ORDER BY SUM(prompt_tokens) + SUM(completion_tokens) DESC, user_id COLLATE \"C\""
+            ))
+            .await
+            .map_err(backend)?;
+        client
+            .query(&statement, &[&room.0, &since.millis()])
+            .await
+            .map_err(backend)?
+            .iter()
+            .map(|row| Ok((UserId(get(row, 0)?), usage_from_row(row, 1)?)))
+            .collect()
     }
 }
 

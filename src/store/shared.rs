@@ -3,8 +3,10 @@
 //! Nothing here touches a database; the drivers fetch rows and call these.
 
 use cochat_actors::error::{DomainError, ErrorCode, StoreError};
-use cochat_actors::event::{AuthorKind, EventBody, LeaveReason, Reaction};
-use cochat_actors::ids::{Role, UserId};
+use cochat_actors::event::{Author, AuthorKind, EventBody, LeaveReason, Message, Reaction, Usage};
+use cochat_actors::ids::{MessageId, Role, RoomId, Seq, UserId};
+use cochat_actors::ports::{AnswerOutcome, UsageTotals};
+use cochat_actors::time::Timestamp;
 
 /// Role as stored in `members.role` / `invites.role`.
 pub fn role_to_text(role: Role) -> &'static str {
@@ -81,7 +83,116 @@ pub fn redact_event(body: &mut EventBody) -> bool {
             text.clear();
             changed
         }
+        // An agent's answer carries its message too: same treatment as `message.created`.
+        EventBody::AiCompleted { message, .. }
+        | EventBody::AiFailed { message, .. }
+        | EventBody::AiCancelled { message, .. } => {
+            let changed =
+                !message.text.is_empty() || !message.deleted || !message.reactions.is_empty();
+            message.text.clear();
+            message.deleted = true;
+            message.reactions.clear();
+            changed
+        }
         _ => false,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AI agents
+
+pub fn agent_exists() -> DomainError {
+    DomainError::new(
+        ErrorCode::Conflict,
+        "this room already has an agent of that name",
+    )
+}
+
+pub fn answer_exists() -> DomainError {
+    DomainError::new(ErrorCode::Conflict, "that answer has already started")
+}
+
+pub fn answer_finished() -> DomainError {
+    DomainError::new(
+        ErrorCode::Conflict,
+        "that answer is not in progress (finished already, or never started)",
+    )
+}
+
+/// The agent name behind an agent's author id (`ai:<name>`); other ids are taken as they are.
+pub fn agent_name_of(author: &UserId) -> &str {
+    author
+        .as_str()
+        .strip_prefix("ai:")
+        .unwrap_or(author.as_str())
+}
+
+/// `messages.client_msg_id` of an answer: unique per message, and apart from clients' ids.
+pub fn answer_client_msg_id(message: &MessageId) -> String {
+    format!("ai:{}", message.as_str())
+}
+
+/// The message an answer ends with (author kind `ai`, a reply to the trigger, seq = the event's).
+pub fn answer_message(
+    room: &RoomId,
+    seq: Seq,
+    author: Author,
+    id: MessageId,
+    trigger: MessageId,
+    text: String,
+    now: i64,
+) -> Message {
+    Message {
+        id,
+        room: room.clone(),
+        seq,
+        author: Author {
+            kind: AuthorKind::Ai,
+            ..author
+        },
+        text,
+        reply_to_message: Some(trigger),
+        created_at: Timestamp(now),
+        edited_at: None,
+        deleted: false,
+        reactions: Vec::new(),
+    }
+}
+
+/// Whether a finished answer is stored as a message: always when completed, otherwise only if
+/// something was streamed before the failure or cancellation.
+pub fn answer_is_kept(outcome: &AnswerOutcome, text: &str) -> bool {
+    matches!(outcome, AnswerOutcome::Completed) || !text.is_empty()
+}
+
+/// The event that ends an answer.
+pub fn answer_event(message: Message, outcome: AnswerOutcome, usage: Option<Usage>) -> EventBody {
+    match outcome {
+        AnswerOutcome::Completed => EventBody::AiCompleted { message, usage },
+        AnswerOutcome::Failed { code, reason } => EventBody::AiFailed {
+            message,
+            code,
+            reason,
+        },
+        AnswerOutcome::Cancelled { by } => EventBody::AiCancelled { message, by },
+    }
+}
+
+/// Token counts are BIGINT columns; no provider reports anywhere near `i64::MAX`, so saturate.
+pub fn tokens_to_db(tokens: u64) -> i64 {
+    i64::try_from(tokens).unwrap_or(i64::MAX)
+}
+
+pub fn tokens_from_db(tokens: i64) -> u64 {
+    u64::try_from(tokens).unwrap_or(0)
+}
+
+/// Totals from a `SUM(prompt_tokens), SUM(completion_tokens), COUNT(*)` row.
+pub fn usage_totals(prompt: i64, completion: i64, answers: i64) -> UsageTotals {
+    UsageTotals {
+        prompt_tokens: tokens_from_db(prompt),
+        completion_tokens: tokens_from_db(completion),
+        answers: tokens_from_db(answers),
     }
 }
 
@@ -303,6 +414,60 @@ mod tests {
             by: u("a"),
         };
         assert!(!redact_event(&mut deleted));
+    }
+
+    #[test]
+    fn answers() {
+        let author = Author {
+            id: u("ai:helper"),
+            name: "helper".into(),
+            // The stored message is the agent's whatever the caller passed.
+            kind: AuthorKind::User,
+        };
+        let message = answer_message(
+            &RoomId::from("r"),
+            7,
+            author,
+            MessageId::from("m"),
+            MessageId::from("t"),
+            "partial".into(),
+            42,
+        );
+        assert_eq!(message.author.kind, AuthorKind::Ai);
+        assert_eq!(
+            (
+                message.seq,
+                message.reply_to_message.clone(),
+                message.created_at
+            ),
+            (7, Some(MessageId::from("t")), Timestamp(42))
+        );
+        assert_eq!(agent_name_of(&message.author.id), "helper");
+        assert_eq!(agent_name_of(&u("plain")), "plain");
+        assert_eq!(answer_client_msg_id(&message.id), "ai:m");
+        assert!(answer_is_kept(&AnswerOutcome::Completed, ""));
+        let cancelled = AnswerOutcome::Cancelled { by: u("a") };
+        assert!(!answer_is_kept(&cancelled, ""));
+        assert!(answer_is_kept(&cancelled, "x"));
+        assert_eq!(tokens_to_db(u64::MAX), i64::MAX);
+        assert_eq!(tokens_from_db(-1), 0);
+        assert_eq!(usage_totals(3, 4, 1).total(), 7);
+
+        // Deleting an answer redacts its event like a post's.
+        let mut event = answer_event(
+            message,
+            AnswerOutcome::Failed {
+                code: "c".into(),
+                reason: "r".into(),
+            },
+            None,
+        );
+        assert!(redact_event(&mut event));
+        let EventBody::AiFailed { message, .. } = &event else {
+            panic!("ai.failed")
+        };
+        assert!(message.text.is_empty() && message.deleted);
+        assert!(!redact_event(&mut event));
     }
 
     #[test]

@@ -10,18 +10,21 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use cochat_actors::error::{DomainError, ErrorCode, StoreError};
-use cochat_actors::event::{Author, EventBody, Message, Reaction, StoredEvent, UserRef};
+use cochat_actors::event::{AgentInfo, Author, EventBody, Message, Reaction, StoredEvent, UserRef};
 use cochat_actors::ids::{MessageId, Role, RoomId, Seq, UserId};
 use cochat_actors::ports::{
-    Applied, Command, Member, MessagePage, NewInvite, RoomInfo, RoomListing, RoomLog, RoomState,
-    Store, User, Write, WriteResult,
+    Applied, Command, Member, MessagePage, NewInvite, Partial, RoomInfo, RoomListing, RoomLog,
+    RoomState, Store, UsageTotals, User, Write, WriteResult,
 };
 use cochat_actors::time::Timestamp;
 
 use super::shared;
 
 /// Embedded migrations, applied in order, each once (recorded in `schema_migrations`).
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../sql/sqlite/V001__init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../sql/sqlite/V001__init.sql")),
+    (2, include_str!("../../sql/sqlite/V002__ai.sql")),
+];
 
 /// Internal error: lets `?` work on rusqlite errors, domain refusals and store errors alike
 /// (the orphan rule forbids `From<rusqlite::Error> for StoreError` here).
@@ -270,6 +273,29 @@ fn message_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(Message, Strin
         reactions: Vec::new(),
     };
     Ok((message, row.get(5)?))
+}
+
+/// Checks the author kind of fetched rows and fills in their reactions.
+fn finish_messages(conn: &Connection, rows: Vec<(Message, String)>) -> R<Vec<Message>> {
+    let mut messages = Vec::with_capacity(rows.len());
+    for (mut message, kind) in rows {
+        message.author.kind = shared::author_kind_from_text(&kind)?;
+        message.reactions = reactions_of(conn, &message.id)?;
+        messages.push(message);
+    }
+    Ok(messages)
+}
+
+/// `SUM(prompt_tokens), SUM(completion_tokens), COUNT(*)` of `ai_usage` rows.
+const USAGE_SUMS: &str =
+    "COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), COUNT(*)";
+
+fn usage_from_row(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<UsageTotals> {
+    Ok(shared::usage_totals(
+        row.get(first)?,
+        row.get(first + 1)?,
+        row.get(first + 2)?,
+    ))
 }
 
 fn stored_event(room: &RoomId, seq: Seq, at: i64, payload: &str) -> R<StoredEvent> {
@@ -542,7 +568,10 @@ fn apply(conn: &Connection, room: &RoomId, command: Command) -> R<Applied> {
                 .optional()?;
             // A member accepting their room's invite again changes nothing, even once the
             // invite is used up or expired: accepting is idempotent.
-            if invite.as_ref().is_some_and(|found| found.0 == room.as_str()) {
+            if invite
+                .as_ref()
+                .is_some_and(|found| found.0 == room.as_str())
+            {
                 if let Some(current) = role_of(conn, room, &user.id)? {
                     return Ok(Applied {
                         role: Some(current),
@@ -614,9 +643,139 @@ fn apply(conn: &Connection, room: &RoomId, command: Command) -> R<Applied> {
             };
             Ok(applied(push_event(conn, room, now, body)?))
         }
-        // TEMPORARY until the AI tables land in this driver.
-        Command::AddAgent { .. } | Command::StartAnswer { .. } | Command::FinishAnswer { .. } => {
-            Err(DomainError::validation("AI commands are not implemented by this store yet").into())
+        Command::AddAgent { actor, agent } => {
+            let inserted = conn
+                .prepare_cached(
+                    "INSERT INTO agents (room_id, name, model, system_prompt, provider, created_by, created_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (room_id, name) DO NOTHING",
+                )?
+                .execute(params![
+                    room.as_str(),
+                    agent.name,
+                    agent.model,
+                    agent.system_prompt,
+                    agent.provider,
+                    actor.as_str(),
+                    now
+                ])?;
+            if inserted == 0 {
+                return Err(shared::agent_exists().into());
+            }
+            let body = EventBody::AgentAdded { agent, by: actor };
+            Ok(applied(push_event(conn, room, now, body)?))
+        }
+        Command::StartAnswer {
+            agent,
+            message_id,
+            trigger_message_id,
+            trigger_author,
+        } => {
+            let taken: Option<i64> = conn
+                .prepare_cached("SELECT 1 FROM messages WHERE id = ?1")?
+                .query_row([message_id.as_str()], |row| row.get(0))
+                .optional()?;
+            if taken.is_some() {
+                return Err(shared::answer_exists().into());
+            }
+            let inserted = conn
+                .prepare_cached(
+                    "INSERT INTO ai_partials (message_id, room_id, agent, trigger_message_id, \
+                     trigger_author, text, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, '', ?6) \
+                     ON CONFLICT (message_id) DO NOTHING",
+                )?
+                .execute(params![
+                    message_id.as_str(),
+                    room.as_str(),
+                    agent,
+                    trigger_message_id.as_str(),
+                    trigger_author.as_str(),
+                    now
+                ])?;
+            if inserted == 0 {
+                return Err(shared::answer_exists().into());
+            }
+            let body = EventBody::AiStarted {
+                message_id: message_id.clone(),
+                agent,
+                trigger_message_id,
+                trigger_author,
+            };
+            let event = push_event(conn, room, now, body)?;
+            Ok(Applied {
+                message_id: Some(message_id),
+                ..applied(event)
+            })
+        }
+        Command::FinishAnswer {
+            author,
+            message_id,
+            trigger_message_id,
+            charge_to,
+            text,
+            outcome,
+            usage,
+        } => {
+            // Taking the checkpoint away is what makes finishing happen once: a retry finds
+            // nothing and is refused before anything is written.
+            let removed: Option<String> = conn
+                .prepare_cached(
+                    "DELETE FROM ai_partials WHERE message_id = ?1 AND room_id = ?2 RETURNING agent",
+                )?
+                .query_row([message_id.as_str(), room.as_str()], |row| row.get(0))
+                .optional()?;
+            if removed.is_none() {
+                return Err(shared::answer_finished().into());
+            }
+            let seq = next_seq(conn, room)?;
+            let message = shared::answer_message(
+                room,
+                seq,
+                author,
+                message_id,
+                trigger_message_id,
+                text,
+                now,
+            );
+            if shared::answer_is_kept(&outcome, &message.text) {
+                conn.prepare_cached(
+                    "INSERT INTO messages (id, room_id, seq, author_id, author_name, author_kind, \
+                     client_msg_id, text, reply_to, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                )?
+                .execute(params![
+                    message.id.as_str(),
+                    room.as_str(),
+                    seq,
+                    message.author.id.as_str(),
+                    message.author.name,
+                    shared::author_kind_to_text(message.author.kind),
+                    shared::answer_client_msg_id(&message.id),
+                    message.text,
+                    message.reply_to_message.as_ref().map(MessageId::as_str),
+                    now,
+                ])?;
+            }
+            if let Some(usage) = usage {
+                conn.prepare_cached(
+                    "INSERT INTO ai_usage (room_id, user_id, agent, message_id, prompt_tokens, \
+                     completion_tokens, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )?
+                .execute(params![
+                    room.as_str(),
+                    charge_to.as_str(),
+                    shared::agent_name_of(&message.author.id),
+                    message.id.as_str(),
+                    shared::tokens_to_db(usage.prompt_tokens),
+                    shared::tokens_to_db(usage.completion_tokens),
+                    now,
+                ])?;
+            }
+            let message_id = message.id.clone();
+            let body = shared::answer_event(message, outcome, usage);
+            let event = insert_event(conn, room, seq, now, body)?;
+            Ok(Applied {
+                message_id: Some(message_id),
+                ..applied(event)
+            })
         }
         Command::ChangeRole { actor, user, role } => {
             let changed = shared::check_role_change(
@@ -984,12 +1143,8 @@ impl Store for SqliteStore {
                 )?
                 .collect::<Result<_, _>>()?;
             let has_more = rows.len() > limit as usize;
-            let mut messages = Vec::with_capacity(rows.len().min(limit as usize));
-            for (mut message, kind) in rows.into_iter().take(limit as usize) {
-                message.author.kind = shared::author_kind_from_text(&kind)?;
-                message.reactions = reactions_of(conn, &message.id)?;
-                messages.push(message);
-            }
+            let mut messages =
+                finish_messages(conn, rows.into_iter().take(limit as usize).collect())?;
             if newest_first {
                 messages.reverse();
             }
@@ -1018,6 +1173,203 @@ impl Store for SqliteStore {
         self.read(|conn| {
             conn.query_row("SELECT 1", [], |row| row.get::<_, i64>(0))?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn agents(&self, room: &RoomId) -> Result<Vec<AgentInfo>, StoreError> {
+        let room = room.clone();
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT name, model, system_prompt, provider FROM agents WHERE room_id = ?1 ORDER BY name",
+            )?;
+            let agents = stmt
+                .query_map([room.as_str()], |row| {
+                    Ok(AgentInfo {
+                        name: row.get(0)?,
+                        model: row.get(1)?,
+                        system_prompt: row.get(2)?,
+                        provider: row.get(3)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok(agents)
+        })
+        .await
+    }
+
+    async fn message(&self, room: &RoomId, id: &MessageId) -> Result<Option<Message>, StoreError> {
+        let (room, id) = (room.clone(), id.clone());
+        self.read(move |conn| {
+            let row = conn
+                .prepare_cached(&format!(
+                    "SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?1 AND room_id = ?2"
+                ))?
+                .query_row([id.as_str(), room.as_str()], message_from_row)
+                .optional()?;
+            Ok(finish_messages(conn, row.into_iter().collect())?.pop())
+        })
+        .await
+    }
+
+    async fn search_messages(
+        &self,
+        room: &RoomId,
+        query: &str,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError> {
+        let (room, query) = (room.clone(), query.to_owned());
+        self.read(move |conn| {
+            // instr, not LIKE: the query is a plain substring (`%` and `_` are literal).
+            let rows: Vec<(Message, String)> = conn
+                .prepare_cached(&format!(
+                    "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = ?1 AND NOT deleted \
+                     AND instr(lower(text), lower(?2)) > 0 ORDER BY seq DESC LIMIT ?3"
+                ))?
+                .query_map(params![room.as_str(), query, limit], message_from_row)?
+                .collect::<Result<_, _>>()?;
+            finish_messages(conn, rows)
+        })
+        .await
+    }
+
+    async fn save_partial(
+        &self,
+        room: &RoomId,
+        message_id: &MessageId,
+        text: &str,
+    ) -> Result<(), StoreError> {
+        let (room, message_id, text) = (room.clone(), message_id.clone(), text.to_owned());
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE ai_partials SET text = ?1, updated_at = ?2 WHERE message_id = ?3 AND room_id = ?4",
+            )?
+            .execute(params![
+                text,
+                Timestamp::now().millis(),
+                message_id.as_str(),
+                room.as_str()
+            ])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn partials(&self, room: &RoomId) -> Result<Vec<Partial>, StoreError> {
+        let room = room.clone();
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT message_id, agent, trigger_message_id, trigger_author, text \
+                 FROM ai_partials WHERE room_id = ?1 ORDER BY message_id",
+            )?;
+            let partials = stmt
+                .query_map([room.as_str()], |row| {
+                    Ok(Partial {
+                        room: room.clone(),
+                        message_id: MessageId(row.get(0)?),
+                        agent: row.get(1)?,
+                        trigger_message_id: MessageId(row.get(2)?),
+                        trigger_author: UserId(row.get(3)?),
+                        text: row.get(4)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok(partials)
+        })
+        .await
+    }
+
+    async fn summary(
+        &self,
+        room: &RoomId,
+        agent: &str,
+    ) -> Result<Option<(String, Seq)>, StoreError> {
+        let (room, agent) = (room.clone(), agent.to_owned());
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT summary, through_seq FROM ai_summaries WHERE room_id = ?1 AND agent = ?2",
+                )?
+                .query_row([room.as_str(), agent.as_str()], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn save_summary(
+        &self,
+        room: &RoomId,
+        agent: &str,
+        summary: &str,
+        through_seq: Seq,
+    ) -> Result<(), StoreError> {
+        let (room, agent, summary) = (room.clone(), agent.to_owned(), summary.to_owned());
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO ai_summaries (room_id, agent, summary, through_seq, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (room_id, agent) DO UPDATE SET \
+                 summary = excluded.summary, through_seq = excluded.through_seq, \
+                 updated_at = excluded.updated_at",
+            )?
+            .execute(params![
+                room.as_str(),
+                agent,
+                summary,
+                through_seq,
+                Timestamp::now().millis()
+            ])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn room_usage(&self, room: &RoomId, since: Timestamp) -> Result<UsageTotals, StoreError> {
+        let room = room.clone();
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(&format!(
+                    "SELECT {USAGE_SUMS} FROM ai_usage WHERE room_id = ?1 AND created_at >= ?2"
+                ))?
+                .query_row(params![room.as_str(), since.millis()], |row| {
+                    usage_from_row(row, 0)
+                })?)
+        })
+        .await
+    }
+
+    async fn user_usage(&self, user: &UserId, since: Timestamp) -> Result<UsageTotals, StoreError> {
+        let user = user.clone();
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(&format!(
+                    "SELECT {USAGE_SUMS} FROM ai_usage WHERE user_id = ?1 AND created_at >= ?2"
+                ))?
+                .query_row(params![user.as_str(), since.millis()], |row| {
+                    usage_from_row(row, 0)
+                })?)
+        })
+        .await
+    }
+
+    async fn room_usage_by_user(
+        &self,
+        room: &RoomId,
+        since: Timestamp,
+    ) -> Result<Vec<(UserId, UsageTotals)>, StoreError> {
+        let room = room.clone();
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT user_id, {USAGE_SUMS} FROM ai_usage WHERE room_id = ?1 AND created_at >= ?2 \
+                 GROUP BY user_id ORDER BY SUM(prompt_tokens) + SUM(completion_tokens) DESC, user_id"
+            ))?;
+            let rows = stmt
+                .query_map(params![room.as_str(), since.millis()], |row| {
+                    Ok((UserId(row.get(0)?), usage_from_row(row, 1)?))
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok(rows)
         })
         .await
     }
