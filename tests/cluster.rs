@@ -31,7 +31,11 @@ struct Cluster {
 
 impl Cluster {
     async fn start(db: TestDatabase, nodes: usize, redis_url: &str) -> Cluster {
-        let env = vec![
+        Self::start_with(db, nodes, redis_url, &[]).await
+    }
+
+    async fn start_with(db: TestDatabase, nodes: usize, redis_url: &str, extra: &[(&str, &str)]) -> Cluster {
+        let mut env = vec![
             ("REDIS_URL".to_owned(), redis_url.to_owned()),
             ("COCHAT_REDIS_PREFIX".to_owned(), common::unique("cluster:")),
             ("COCHAT_DRAIN_WINDOW_S".to_owned(), "1".to_owned()),
@@ -39,6 +43,7 @@ impl Cluster {
             ("COCHAT_PRESENCE_INTERVAL_S".to_owned(), "1".to_owned()),
             ("COCHAT_PRESENCE_TTL_S".to_owned(), "3".to_owned()),
         ];
+        env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
         let mut cluster = Cluster {
             db,
             ports: (0..nodes).map(|_| free_port()).collect(),
@@ -444,4 +449,61 @@ async fn members_of_a_dead_node_drop_out_of_presence() {
     assert_eq!(offline["status"], "offline");
     // TTL 3 s here (COCHAT_PRESENCE_TTL_S); the bound is the TTL plus one expiry check.
     assert!(killed_at.elapsed() < Duration::from_secs(6), "took {:?}", killed_at.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_ai_answer_runs_once_and_streams_to_members_on_every_node() {
+    let Some(db) = TestDatabase::postgres().await else { return };
+    let fake = common::fake_llm::FakeLlm::start().await;
+    let parts: Vec<String> = (0..40).map(|i| format!("token{i} ")).collect();
+    let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+    fake.push(common::fake_llm::Script::answer(&parts).pace(40));
+    let mut cluster = Cluster::start_with(db, 3, "redis://127.0.0.1:6379/", &[("AI_BASE_URL", &fake.base_url()), ("AI_MODEL", "fake-model")]).await;
+    let api = Api::new(&cluster.node(0).base);
+    let owner = api.register("own").await;
+    let room = api.create_room(&owner, "ai everywhere").await;
+    let mut members = Vec::new();
+    for i in 0..3 {
+        let user = api.register(&format!("m{i}")).await;
+        api.add_member(&room, &owner, &user, "member").await;
+        members.push(user);
+    }
+    // Members 0 and 1 on nodes 1 and 2 from the start; member 2 comes to node 3 mid-answer.
+    let mut ws0 = Ws::connect(&cluster.node(0).ws_url(), &members[0].token).await;
+    let mut ws1 = Ws::connect(&cluster.node(1).ws_url(), &members[1].token).await;
+    ws0.subscribe(&room, None).await;
+    ws1.subscribe(&room, None).await;
+    let trigger = ws0.send_message(&room, "t", "/ai tell me everything").await;
+    assert_eq!(trigger["type"], "ack");
+    ws1.peek_until(|f| f["type"] == "ai.delta" && f["offset"].as_u64() > Some(40)).await;
+    let mut ws2 = Ws::connect(&cluster.node(2).ws_url(), &members[2].token).await;
+    ws2.subscribe(&room, Some(0)).await;
+
+    let expected: String = parts.concat();
+    let mut seen = Vec::new();
+    for ws in [&mut ws0, &mut ws1, &mut ws2] {
+        let mut text: Vec<char> = Vec::new();
+        let mut deltas = Vec::new();
+        let end = loop {
+            let frame = ws.recv_until(|f| f["type"] == "ai.delta" || (f["type"] == "event" && f["event"]["kind"] == "ai.completed")).await;
+            if frame["type"] == "event" {
+                break frame;
+            }
+            let offset = frame["offset"].as_u64().expect("offset") as usize;
+            let delta = frame["text"].as_str().expect("text").to_owned();
+            if offset <= text.len() {
+                text.truncate(offset);
+                text.extend(delta.chars());
+            }
+            deltas.push((offset, delta));
+        };
+        assert_eq!(end["event"]["message"]["text"], expected.as_str());
+        assert_eq!(text.into_iter().collect::<String>(), expected, "spliced deltas give the final text for member {}: {deltas:?}", seen.len());
+        seen.push(deltas);
+    }
+    assert_eq!(seen[0], seen[1], "members on two nodes see the same deltas in the same order");
+    assert_eq!(seen[0].len(), parts.len());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(fake.requests().len(), 1, "three nodes saw the trigger; one answer ran");
+    cluster.nodes.clear();
 }

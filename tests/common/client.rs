@@ -233,6 +233,20 @@ impl Ws {
         }
     }
 
+    /// Waits for a frame like `recv_until` but leaves it to be read again.
+    pub async fn peek_until(&mut self, matches: impl Fn(&Value) -> bool) -> Value {
+        if let Some(at) = self.backlog.iter().position(&matches) {
+            return self.backlog[at].clone();
+        }
+        loop {
+            let frame = self.read_frame().await.expect("the socket is still open");
+            self.backlog.push_back(frame.clone());
+            if matches(&frame) {
+                return frame;
+            }
+        }
+    }
+
     /// Sends `frame` with a fresh `id` and returns the frame answering it (`reply_to`).
     pub async fn request(&mut self, mut frame: Value) -> Value {
         self.next_id += 1;
