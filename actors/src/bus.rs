@@ -27,6 +27,9 @@ pub struct Envelope {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
+// Payloads are built once per event and moved, never stored in bulk: boxing the big variant
+// would cost an allocation per event for nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum BusPayload {
     /// A durable event, committed by the origin node (its `seq` orders it).
     Event { event: StoredEvent },
@@ -57,6 +60,7 @@ pub enum BusPayload {
 
 /// What a bus driver hands to its node.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)] // see BusPayload
 pub enum BusNotice {
     Envelope(Envelope),
     /// The connection to the other nodes was lost and is back: anything published meanwhile may
@@ -81,9 +85,12 @@ pub trait Bus: Send + Sync + 'static {
 }
 
 /// In-process nodes that hear each other's rooms.
+/// A node on the hub: where its notices go and which rooms it listens to.
+type HubNode = (mpsc::Sender<BusNotice>, HashSet<RoomId>);
+
 #[derive(Default)]
 pub struct LocalHub {
-    nodes: Mutex<HashMap<String, (mpsc::Sender<BusNotice>, HashSet<RoomId>)>>,
+    nodes: Mutex<HashMap<String, HubNode>>,
 }
 
 /// One node's handle on a `LocalHub`.

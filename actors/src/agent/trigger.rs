@@ -25,7 +25,7 @@ pub fn mentioned_agents(text: &str, agents: &[String]) -> Vec<String> {
                 end += 1;
             }
             let name: String = chars[start..end].iter().collect::<String>().to_lowercase();
-            if !name.is_empty() && agents.iter().any(|agent| *agent == name) && !called.contains(&name) {
+            if !name.is_empty() && agents.contains(&name) && !called.contains(&name) {
                 called.push(name);
             }
             i = end.max(i + 1);

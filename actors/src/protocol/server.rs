@@ -9,6 +9,8 @@ use crate::ids::{MessageId, RoomId, Seq, UserId};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
+// A frame is built, serialised once and dropped: boxing `Event` would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum ServerFrame {
     /// A durable event; per room, frames arrive in `seq` order with no gap and no duplicate.
     Event(StoredEvent),
