@@ -216,6 +216,9 @@ impl Settings {
         if let Some(n) = num("COCHAT_AI_TOKENS_PER_DAY_ROOM")? {
             ai.tokens_per_day_room = n as u64;
         }
+        if let Some(n) = num("COCHAT_AI_STALE_S")? {
+            ai.stale_answer_after = Duration::from_secs_f64(n.max(1.0));
+        }
         if let Some(v) = get("COCHAT_LOG_FORMAT") {
             s.json_logs = match v.as_str() {
                 "json" => true,

@@ -507,3 +507,27 @@ async fn an_ai_answer_runs_once_and_streams_to_members_on_every_node() {
     assert_eq!(fake.requests().len(), 1, "three nodes saw the trigger; one answer ran");
     cluster.nodes.clear();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_answer_whose_node_dies_is_ended_as_agent_lost_by_another_node() {
+    let Some(db) = TestDatabase::postgres().await else { return };
+    let fake = common::fake_llm::FakeLlm::start().await;
+    fake.push(common::fake_llm::Script::stream().role().deltas(&["never ", "finished"]).stall());
+    let mut cluster = Cluster::start_with(db, 2, "redis://127.0.0.1:6379/", &[("AI_BASE_URL", &fake.base_url()), ("AI_MODEL", "fake-model"), ("COCHAT_AI_STALE_S", "2")]).await;
+    let api = Api::new(&cluster.node(1).base);
+    let (ada, bob) = (api.register("ada").await, api.register("bob").await);
+    let room = api.create_room(&ada, "lost").await;
+    api.add_member(&room, &ada, &bob, "member").await;
+    let mut bob_ws = Ws::connect(&cluster.node(1).ws_url(), &bob.token).await;
+    bob_ws.subscribe(&room, None).await;
+    let mut ada_ws = Ws::connect(&cluster.node(0).ws_url(), &ada.token).await;
+    ada_ws.send_message(&room, "q", "/ai start and die").await;
+    bob_ws.peek_until(|f| f["type"] == "ai.delta" && f["text"] == "finished").await;
+    let mut node = cluster.nodes[0].take().expect("node-1 runs");
+    node.kill_hard();
+    let killed = Instant::now();
+    let end = bob_ws.recv_until(|f| f["type"] == "event" && f["event"]["kind"] == "ai.failed").await;
+    assert_eq!(end["event"]["code"], "agent_lost");
+    assert_eq!(end["event"]["message"]["text"], "never finished", "the partial text is kept");
+    assert!(killed.elapsed() < Duration::from_secs(10), "ended after {:?}", killed.elapsed());
+}

@@ -15,13 +15,13 @@ use bytestring::ByteString;
 use tokio::sync::broadcast;
 
 use crate::agent::trigger::mentioned_agents;
-use crate::agent::{Agent, AiDeps, CancelJob, Enqueue, Job};
+use crate::agent::{finish, Agent, AiDeps, CancelJob, Enqueue, Job};
 use crate::bus::{Bus, BusPayload};
 use crate::commit::{answer_of, Committer};
 use crate::error::{DomainError, ErrorCode};
 use crate::event::{AgentInfo, AuthorKind, EventBody, Message, StoredEvent, UserRef};
 use crate::ids::{MessageId, Role, RoomId, Seq, SessionId, UserId};
-use crate::ports::{Applied, Command, Partial, RoomLog, Telemetry, Write, WriteResult};
+use crate::ports::{AnswerOutcome, Applied, Command, Partial, RoomLog, Telemetry, Write, WriteResult};
 use crate::protocol::{Presence, QueuedTrigger, ServerFrame, UsageReport};
 use crate::registry::{RoomRegistry, RoomStopped};
 use crate::time::Timestamp;
@@ -82,6 +82,8 @@ struct LiveAnswer {
     text: String,
     /// Length of `text` in characters (offsets count characters).
     chars: usize,
+    /// The last sign of life (start, delta, snapshot); `None` until one is seen.
+    touched: Option<Instant>,
 }
 
 impl LiveAnswer {
@@ -227,6 +229,7 @@ impl Room {
                 trigger_author,
             } => {
                 let answer = self.answers.entry(message_id.clone()).or_default();
+                answer.touched = Some(Instant::now());
                 answer.agent = agent.clone();
                 answer.trigger_message_id = Some(trigger_message_id.clone());
                 answer.trigger_author = Some(trigger_author.clone());
@@ -295,6 +298,7 @@ impl Room {
     /// agent writing, to the other nodes.
     fn apply_delta(&mut self, message_id: MessageId, offset: usize, text: String, publish: bool) {
         let answer = self.answers.entry(message_id.clone()).or_default();
+        answer.touched = Some(Instant::now());
         if !answer.splice(offset, &text) {
             tracing::debug!(room = %self.id, %message_id, offset, "delta after a gap; waiting for a snapshot");
         }
@@ -494,10 +498,44 @@ impl Room {
                 agent: partial.agent,
                 trigger_message_id: Some(partial.trigger_message_id),
                 trigger_author: Some(partial.trigger_author),
+                touched: Some(Instant::now()),
                 ..LiveAnswer::default()
             };
             answer.splice(0, &partial.text);
             self.answers.insert(partial.message_id, answer);
+        }
+    }
+
+    /// Ends answers whose writer has gone silent for too long (its node died): any node may, the
+    /// store accepts the first finish only.
+    fn end_stale_answers(&mut self, ctx: &mut Context<Self>) {
+        let Some(ai) = &self.deps.ai else { return };
+        let limit = ai.config.stale_answer_after;
+        let stale: Vec<(MessageId, LiveAnswer)> = self
+            .answers
+            .iter()
+            .filter(|(_, answer)| answer.touched.is_none_or(|at| at.elapsed() >= limit))
+            .map(|(id, answer)| (id.clone(), answer.clone()))
+            .collect();
+        for (message_id, answer) in stale {
+            let (Some(trigger_message_id), Some(trigger_author)) = (answer.trigger_message_id, answer.trigger_author) else {
+                continue;
+            };
+            let info = self.agents.get(&answer.agent).cloned().unwrap_or_else(|| AgentInfo {
+                name: answer.agent.clone(),
+                ..AgentInfo::default_agent()
+            });
+            if let Some(entry) = self.answers.get_mut(&message_id) {
+                entry.touched = Some(Instant::now()); // one attempt per period
+            }
+            let job = Job { trigger_message_id, trigger_author: trigger_author.clone(), charge_to: trigger_author };
+            let room = ctx.address();
+            let outcome = AnswerOutcome::Failed {
+                code: "agent_lost".into(),
+                reason: "the node writing this answer stopped before it finished".into(),
+            };
+            let text = answer.text;
+            ctx.spawn(async move { finish(&room, &info, &job, &message_id, text, outcome, None).await }.into_actor(self));
         }
     }
 
@@ -575,6 +613,10 @@ impl Actor for Room {
         ctx.run_interval((config.presence_ttl / 5).max(Duration::from_millis(100)), |room, _ctx| {
             room.expire_remote_presence();
         });
+        if let Some(ai) = &self.deps.ai {
+            let every = (ai.config.stale_answer_after / 4).max(Duration::from_millis(250));
+            ctx.run_interval(every, |room, ctx| room.end_stale_answers(ctx));
+        }
         if self.deps.bus.shared() && !config.resync_interval.is_zero() {
             ctx.run_interval(config.resync_interval, |room, ctx| {
                 if !room.sessions.is_empty() {
@@ -1087,6 +1129,7 @@ impl Handler<RemoteEphemeral> for Room {
             }
             BusPayload::AiSnapshot { message_id, text } => {
                 let answer = self.answers.entry(message_id.clone()).or_default();
+                answer.touched = Some(Instant::now());
                 if answer.text != text {
                     answer.text.clear();
                     answer.chars = 0;

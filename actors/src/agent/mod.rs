@@ -56,6 +56,9 @@ pub struct AiConfig {
     pub tokens_per_day_user: u64,
     pub tokens_per_day_room: u64,
     pub idle_timeout: Duration,
+    /// An answer with no sign of life (delta, snapshot) for this long is ended as
+    /// `agent_lost` by any node (its writer died); longer than the provider's timeouts.
+    pub stale_answer_after: Duration,
 }
 
 impl Default for AiConfig {
@@ -71,6 +74,7 @@ impl Default for AiConfig {
             tokens_per_day_user: 200_000,
             tokens_per_day_room: 1_000_000,
             idle_timeout: Duration::from_secs(30),
+            stale_answer_after: Duration::from_secs(180),
         }
     }
 }
@@ -634,7 +638,7 @@ async fn collect_text(provider: &dyn LlmProvider, request: ChatRequest) -> Optio
     Some(text).filter(|t| !t.trim().is_empty())
 }
 
-async fn finish(
+pub(crate) async fn finish(
     room: &Addr<Room>,
     info: &AgentInfo,
     job: &Job,
