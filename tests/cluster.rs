@@ -531,3 +531,40 @@ async fn an_answer_whose_node_dies_is_ended_as_agent_lost_by_another_node() {
     assert_eq!(end["event"]["message"]["text"], "never finished", "the partial text is kept");
     assert!(killed.elapsed() < Duration::from_secs(10), "ended after {:?}", killed.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_moving_to_a_node_that_is_behind_gets_nothing_twice() {
+    let Some(db) = TestDatabase::postgres().await else { return };
+    let mut redis = RedisProcess::start().await;
+    // A long resync period: while Redis is down, node 2's room stays behind node 1's.
+    let cluster = Cluster::start_with(db, 2, &redis.url(), &[("COCHAT_RESYNC_S", "60")]).await;
+    let api = Api::new(&cluster.node(0).base);
+    let (ada, bob) = (api.register("ada").await, api.register("bob").await);
+    let room = api.create_room(&ada, "behind").await;
+    api.add_member(&room, &ada, &bob, "member").await;
+    let mut watcher = Ws::connect(&cluster.node(1).ws_url(), &bob.token).await;
+    watcher.subscribe(&room, None).await;
+    let mut ada_ws = Ws::connect(&cluster.node(0).ws_url(), &ada.token).await;
+    ada_ws.subscribe(&room, None).await;
+    redis.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut last = 0;
+    for i in 0..5 {
+        last = ada_ws.send_message(&room, &format!("a{i}"), "while node 2 cannot hear").await["seq"].as_i64().expect("seq");
+    }
+    ada_ws.events(&room, 5).await;
+
+    // Ada moves to node 2, which has not delivered those five yet.
+    let mut moved = Ws::connect(&cluster.node(1).ws_url(), &ada.token).await;
+    let answer = moved.subscribe(&room, Some(last)).await;
+    assert!(answer["head_seq"].as_i64() < Some(last), "node 2 is behind: {answer}");
+    // A write on node 2 makes its room repair the gap from the log and deliver everything.
+    let next = watcher.send_message(&room, "b", "from node 2").await["seq"].as_i64().expect("seq");
+    let events = moved.events(&room, 1).await;
+    assert_eq!(events[0]["seq"].as_i64(), Some(next), "only what ada had not seen");
+    assert_eq!(next, last + 1);
+    moved.assert_quiet(Duration::from_millis(300), |f| f["type"] == "event").await;
+    // The watcher on node 2 did get all five, in order, after the repair.
+    let seen: Vec<i64> = watcher.events(&room, 6).await.iter().map(|e| e["seq"].as_i64().expect("seq")).collect();
+    assert_eq!(seen, ((last - 4)..=next).collect::<Vec<_>>());
+}

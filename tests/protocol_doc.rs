@@ -4,7 +4,8 @@
 //! - ```` ```json client ````: a client frame `parse_client_frame` accepts;
 //! - ```` ```json error-client CODE ````: a client frame it refuses with `CODE`;
 //! - ```` ```json server [ID] ````: a `ServerFrame` that round-trips through serde unchanged; with an
-//!   `ID`, also compared with a frame from a real server (`live_frames_have_the_documented_shapes`);
+//!   `ID`, also compared with a frame from a real server (`live_frames_have_the_documented_shapes`,
+//!   which also drives AI answers from a fake provider, `common::fake_llm`);
 //! - ```` ```http ID ```` + ```` ```json|text response STATUS ID ````: a request sent to a real server and
 //!   the answer it must give (`http_examples_match_the_real_server`).
 //!
@@ -18,11 +19,13 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use cochat::ai::provider::ProviderConfig;
 use cochat_actors::error::ErrorCode;
-use cochat_actors::event::{EventBody, Message, StoredEvent};
+use cochat_actors::event::{AgentInfo, EventBody, Message, StoredEvent};
 use cochat_actors::protocol::{parse_client_frame, ServerFrame, CLIENT_FRAME_TYPES};
 use common::client::{Api, Ws};
 use common::db::TestDatabase;
+use common::fake_llm::{FakeLlm, Script};
 use common::server::{test_settings, TestServer};
 use serde_json::{json, Value};
 
@@ -317,7 +320,19 @@ fn code_name(code: ErrorCode) -> String {
     serde_json::to_value(code).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
 }
 
-const SERVER_TYPES: &[&str] = &["event", "subscribed", "unsubscribed", "ack", "pong", "error", "typing", "presence"];
+const SERVER_TYPES: &[&str] = &[
+    "event",
+    "subscribed",
+    "unsubscribed",
+    "ack",
+    "pong",
+    "error",
+    "typing",
+    "presence",
+    "ai.delta",
+    "ai.queue",
+    "ai.usage",
+];
 
 fn server_type(frame: &ServerFrame) -> &'static str {
     match frame {
@@ -329,6 +344,9 @@ fn server_type(frame: &ServerFrame) -> &'static str {
         ServerFrame::Error { .. } => "error",
         ServerFrame::Typing { .. } => "typing",
         ServerFrame::Presence { .. } => "presence",
+        ServerFrame::AiDelta { .. } => "ai.delta",
+        ServerFrame::AiQueue { .. } => "ai.queue",
+        ServerFrame::AiUsage { .. } => "ai.usage",
     }
 }
 
@@ -340,6 +358,11 @@ const EVENT_KINDS: &[&str] = &[
     "member.joined",
     "member.left",
     "member.role_changed",
+    "agent.added",
+    "ai.started",
+    "ai.completed",
+    "ai.failed",
+    "ai.cancelled",
 ];
 
 fn event_kind(body: &EventBody) -> &'static str {
@@ -351,6 +374,11 @@ fn event_kind(body: &EventBody) -> &'static str {
         EventBody::MemberJoined { .. } => "member.joined",
         EventBody::MemberLeft { .. } => "member.left",
         EventBody::MemberRoleChanged { .. } => "member.role_changed",
+        EventBody::AgentAdded { .. } => "agent.added",
+        EventBody::AiStarted { .. } => "ai.started",
+        EventBody::AiCompleted { .. } => "ai.completed",
+        EventBody::AiFailed { .. } => "ai.failed",
+        EventBody::AiCancelled { .. } => "ai.cancelled",
     };
     debug_assert_eq!(kind, body.kind());
     kind
@@ -453,6 +481,7 @@ fn server_frame_examples_round_trip_and_cover_every_type_and_kind() {
             let result = match kind {
                 "message" => round_trips::<Message>(item).map(drop),
                 "event" => round_trips::<StoredEvent>(item).map(drop),
+                "agent" => round_trips::<AgentInfo>(item).map(drop),
                 _ => round_trips::<ServerFrame>(item).map(drop),
             };
             if let Err(error) = result {
@@ -465,6 +494,9 @@ fn server_frame_examples_round_trip_and_cover_every_type_and_kind() {
     check("events", &array("events"), "event");
     check("post-message", &|body: &Value| vec![body.clone()], "frame");
     check("post-message-again", &|body: &Value| vec![body.clone()], "frame");
+    check("ask-ai", &|body: &Value| vec![body.clone()], "frame");
+    check("room-detail", &array("agents"), "agent");
+    check("create-agent", &|body: &Value| vec![body["agent"].clone()], "agent");
     assert!(failures.is_empty(), "docs/protocol.md:\n{}", failures.join("\n"));
 }
 
@@ -684,7 +716,9 @@ impl HttpWalk {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_examples_match_the_real_server() {
     let db = TestDatabase::sqlite();
+    let fake = FakeLlm::start().await;
     let mut settings = test_settings(&db.url);
+    settings.ai_provider = Some(ProviderConfig::new(fake.base_url(), "fake-model"));
     // Long enough to look at a draining node before it stops.
     settings.drain_window = Duration::from_secs(3);
     let mut server = TestServer::start_with(settings).await;
@@ -722,6 +756,35 @@ async fn http_examples_match_the_real_server() {
     walk.step("history-bad-limit").await;
     walk.step("events").await;
     walk.step("mark-read").await;
+
+    // Agents and AI usage: one answer (with the tokens the provider reports) before the usage.
+    walk.step("create-agent").await;
+    walk.step("create-agent-taken").await;
+    walk.step("create-agent-bad-name").await;
+    fake.push(Script::stream().role().deltas(&["Yes: build 4711", " passed at 09:15."]).finish("stop").usage(412, 9).done());
+    let asked = walk.step("ask-ai").await;
+    let room = asked["room"].as_str().expect("the ack names the room").to_owned();
+    let token = login["token"].as_str().expect("login gives a token").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let usage: Value = walk
+            .http
+            .get(format!("{}/api/v1/rooms/{room}/usage", walk.base))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("usage answers")
+            .json()
+            .await
+            .expect("usage is JSON");
+        if usage["answers"].as_u64().unwrap_or(0) >= 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the answer to `ask-ai` never ended: {usage}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    walk.step("usage").await;
+
     walk.step("remove-member").await;
     walk.step("no-such-endpoint").await;
 
@@ -781,6 +844,63 @@ impl FrameCheck {
     }
 }
 
+fn is_event(frame: &Value, kind: &str) -> bool {
+    frame["type"] == "event" && frame["event"]["kind"] == kind
+}
+
+/// `event` frames by kind, other frames by type.
+fn frame_label(frame: &Value) -> String {
+    let label = if frame["type"] == "event" { &frame["event"]["kind"] } else { &frame["type"] };
+    label.as_str().unwrap_or_default().to_owned()
+}
+
+/// The frames one member gets about the answer to `trigger`, in order: from the trigger's
+/// `message.created` to the `ai.usage` after the event that ends the answer. Other AI frames
+/// (earlier answers, other agents) are skipped.
+async fn follow_answer(ws: &mut Ws, trigger: &Value) -> Vec<Value> {
+    let mut seen = Vec::new();
+    let mut answer: Option<Value> = None;
+    let mut ended = false;
+    loop {
+        let frame = ws.recv().await;
+        let relevant = match frame_label(&frame).as_str() {
+            "message.created" => frame["event"]["message"]["id"] == *trigger,
+            "ai.queue" => !seen.is_empty() && answer.is_none(),
+            "ai.started" => frame["event"]["trigger_message_id"] == *trigger && answer.is_none(),
+            "ai.delta" => answer.as_ref() == Some(&frame["message_id"]),
+            "ai.completed" | "ai.failed" | "ai.cancelled" => answer.as_ref() == Some(&frame["event"]["message"]["id"]),
+            "ai.usage" => ended,
+            _ => false,
+        };
+        if !relevant {
+            continue;
+        }
+        match frame_label(&frame).as_str() {
+            "ai.started" => answer = Some(frame["event"]["message_id"].clone()),
+            "ai.completed" | "ai.failed" | "ai.cancelled" => ended = true,
+            "ai.usage" => {
+                seen.push(frame);
+                return seen;
+            }
+            _ => {}
+        }
+        seen.push(frame);
+    }
+}
+
+/// The text a client builds from the `ai.delta` frames among `frames` with the documented rule.
+fn splice(frames: &[Value]) -> String {
+    let mut text: Vec<char> = Vec::new();
+    for frame in frames.iter().filter(|f| f["type"] == "ai.delta") {
+        let offset = frame["offset"].as_u64().expect("offset is a number") as usize;
+        if offset <= text.len() {
+            text.truncate(offset);
+            text.extend(frame["text"].as_str().expect("text is a string").chars());
+        }
+    }
+    text.into_iter().collect()
+}
+
 /// Sends `frame` with `id` and returns the answer that carries it as `reply_to`.
 async fn ask(ws: &mut Ws, mut frame: Value, id: Value) -> Value {
     frame["id"] = id.clone();
@@ -791,7 +911,10 @@ async fn ask(ws: &mut Ws, mut frame: Value, id: Value) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_frames_have_the_documented_shapes() {
     let db = TestDatabase::sqlite();
-    let server = TestServer::start(&db).await;
+    let fake = FakeLlm::start().await;
+    let mut settings = test_settings(&db.url);
+    settings.ai_provider = Some(ProviderConfig::new(fake.base_url(), "fake-model"));
+    let server = TestServer::start_with(settings).await;
     let api = Api::new(&server.base);
     let (ada, bob, guest, stranger) = (api.register("ada").await, api.register("bob").await, api.register("gst").await, api.register("str").await);
     let room = api.create_room(&ada, "general").await;
@@ -869,6 +992,102 @@ async fn live_frames_have_the_documented_shapes() {
     let id = frames.reply_id("error-room-not-found");
     let refused = ask(&mut stranger_ws, json!({"type": "subscribe", "room": room}), id).await;
     frames.check("error-room-not-found", &refused);
+
+    // AI agents: a persona, then answers from the fake provider.
+    let persona = json!({"name": "helper", "model": "deepseek-chat", "system_prompt": "You are a concise assistant."});
+    let (status, body) = api.call("POST", &format!("/api/v1/rooms/{room}/agents"), Some(&ada.token), Some(persona)).await;
+    assert_eq!(status, 201, "{body}");
+    let added = bob_ws.recv_until(|f| is_event(f, "agent.added")).await;
+    frames.check("event-agent-added", &added);
+
+    // The life of an answer, as another member sees it, in the documented order.
+    fake.push(Script::stream().role().deltas(&["Yes: build 4711", " passed at 09:15."]).finish("stop").usage(412, 9).done().pace(20));
+    let asked = ada_ws.send_message(&room, "ask-1", "/ai did build 4711 pass?").await;
+    assert_eq!(asked["type"], "ack", "{asked}");
+    let trigger = asked["message_id"].clone();
+    let life = follow_answer(&mut bob_ws, &trigger).await;
+    let order: Vec<String> = life.iter().map(frame_label).collect();
+    let documented_order = |labels: &[String]| -> bool {
+        let mut rest = labels;
+        for expected in ["message.created", "ai.queue", "ai.queue", "ai.started"] {
+            match rest.split_first() {
+                Some((first, tail)) if first == expected => rest = tail,
+                _ => return false,
+            }
+        }
+        let deltas = rest.iter().take_while(|label| *label == "ai.delta").count();
+        deltas >= 1 && rest[deltas..] == ["ai.completed".to_owned(), "ai.usage".to_owned()]
+    };
+    assert!(documented_order(&order), "the frames of an answer, in order: {order:?}");
+    frames.check("ai-queue", &life[1]);
+    assert_eq!(life[1]["queue"][0]["trigger_message_id"], trigger, "{}", life[1]);
+    assert_eq!(life[2]["queue"], json!([]), "the trigger leaves the queue when its answer starts: {}", life[2]);
+    frames.check("event-ai-started", &life[3]);
+    let answer_id = life[3]["event"]["message_id"].clone();
+    let later_delta = life.iter().find(|f| f["type"] == "ai.delta" && f["offset"] != 0).expect("a delta after the first");
+    frames.check("ai-delta", later_delta);
+    let completed = &life[life.len() - 2];
+    frames.check("event-ai-completed", completed);
+    assert_eq!(completed["event"]["message"]["id"], answer_id);
+    assert_eq!(completed["event"]["message"]["reply_to_message"], trigger);
+    // The documented splicing rule rebuilds the final text from the deltas.
+    assert_eq!(json!(splice(&life)), completed["event"]["message"]["text"], "splicing the deltas by offset");
+    frames.check("ai-usage", &life[life.len() - 1]);
+
+    // Regenerate: the same agent answers the same trigger again, as a new message.
+    let id = frames.reply_id("ack-regenerate");
+    let again = ask(&mut ada_ws, json!({"type": "regenerate", "room": room, "message_id": answer_id}), id).await;
+    frames.check("ack-regenerate", &again);
+    let second = follow_answer(&mut bob_ws, &trigger).await;
+    let second_end = &second[second.len() - 2];
+    assert_eq!(second_end["event"]["kind"], "ai.completed", "{second_end}");
+    assert_ne!(second_end["event"]["message"]["id"], answer_id, "a regenerated answer is a new message");
+    assert_eq!(second_end["event"]["message"]["reply_to_message"], trigger);
+    let id = frames.reply_id("error-regenerate");
+    let refused = ask(&mut ada_ws, json!({"type": "regenerate", "room": room, "message_id": trigger}), id).await;
+    frames.check("error-regenerate", &refused);
+
+    // Cancel: an answer that stalls mid-way, a late subscriber, a queued trigger, then the stop.
+    fake.push(Script::stream().role().delta("Once upon a time, in a").stall());
+    let poem = bob_ws.send_message(&room, "ask-2", "@AI write me a long poem").await;
+    let poem_trigger = poem["message_id"].clone();
+    let started = bob_ws.recv_until(|f| is_event(f, "ai.started") && f["event"]["trigger_message_id"] == poem_trigger).await;
+    let poem_answer = started["event"]["message_id"].clone();
+    let first = bob_ws.recv_until(|f| f["type"] == "ai.delta" && f["message_id"] == poem_answer).await;
+    assert_eq!(first["offset"], 0, "{first}");
+    let mut late_ws = Ws::connect(&server.ws_url(), &ada.token).await;
+    late_ws.subscribe(&room, None).await;
+    let resumed = late_ws.recv().await;
+    frames.check("ai-delta-resume", &resumed);
+    assert_eq!((&resumed["message_id"], &resumed["text"]), (&poem_answer, &json!("Once upon a time, in a")), "{resumed}");
+
+    let waiting = ada_ws.send_message(&room, "ask-3", "/ai and one more thing").await;
+    let waiting_trigger = waiting["message_id"].clone();
+    let queued = bob_ws.recv_until(|f| f["type"] == "ai.queue" && f["queue"][0]["trigger_message_id"] == waiting_trigger).await;
+    assert_eq!(queued["queue"][0]["position"], 1, "{queued}");
+    let dropped = ada_ws.request(json!({"type": "cancel", "room": room, "message_id": waiting_trigger})).await;
+    assert_eq!(dropped["type"], "ack", "cancelling a queued trigger: {dropped}");
+    let emptied = bob_ws.recv_until(|f| f["type"] == "ai.queue" && f["queue"] == json!([])).await;
+    assert_eq!(emptied["agent"], "ai");
+
+    let id = frames.reply_id("ack-cancel");
+    let stopped = ask(&mut bob_ws, json!({"type": "cancel", "room": room, "message_id": poem_answer}), id).await;
+    frames.check("ack-cancel", &stopped);
+    let cancelled = ada_ws.recv_until(|f| is_event(f, "ai.cancelled")).await;
+    frames.check("event-ai-cancelled", &cancelled);
+    assert_eq!(cancelled["event"]["message"]["text"], "Once upon a time, in a");
+    assert_eq!(cancelled["event"]["by"], json!(bob.id));
+
+    // A failure: the provider refuses.
+    fake.push(Script::fail(400, "This model's maximum context length is 8192 tokens"));
+    let doomed = ada_ws.send_message(&room, "ask-4", "/ai summarise the whole year").await;
+    let failed = bob_ws
+        .recv_until(|f| is_event(f, "ai.failed") && f["event"]["message"]["reply_to_message"] == doomed["message_id"])
+        .await;
+    frames.check("event-ai-failed", &failed);
+    assert_eq!(failed["event"]["code"], "provider_error", "{failed}");
+    // Nothing was answered to the trigger that was taken out of the queue.
+    assert_eq!(fake.requests().len(), 4, "one provider request per answer started");
 
     // Membership events, unsubscribing, and being removed.
     let (status, body) = api

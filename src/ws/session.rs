@@ -391,6 +391,27 @@ impl Session {
         );
         let frames = joined.frames;
         let answers = joined.answers;
+        if let Some(since) = since_seq.filter(|since| *since > head) {
+            // The client saw more than this node's room has delivered yet (it comes from a node
+            // that was ahead). What it has must not come again when this room catches up: start
+            // the stream after `since`, as far as the log confirms it (a made-up `since` is
+            // capped at the log's head).
+            let store = self.state.store.clone();
+            let target = room.clone();
+            let lookup = async move { store.room(&target).await };
+            ctx.spawn(lookup.into_actor(self).map(move |found, session, ctx| {
+                if session.subs.get(&room).map(|sub| sub.generation) != Some(generation) {
+                    return;
+                }
+                let logged = found.ok().flatten().map_or(head, |info| info.last_seq);
+                if let Some(sub) = session.subs.get_mut(&room) {
+                    sub.last_seq = since.min(logged).max(head);
+                }
+                session.send_answers_in_progress(ctx, &room, answers);
+                session.attach(ctx, room, generation, frames);
+            }));
+            return;
+        }
         if replay_after >= head {
             self.send_answers_in_progress(ctx, &room, answers);
             return self.attach(ctx, room, generation, frames);
