@@ -190,7 +190,7 @@ async fn cancel_aborts_the_upstream_request_at_once_and_keeps_the_partial_text()
     fake.push(Script::answer(&words).pace(50));
     let server = ai_server(&db, Some(&fake), |_| {}).await;
     let (_, room, (_ada, mut ada_ws), (_bob, mut bob_ws)) = room_of_two(&server).await;
-    ada_ws.send_message(&room, "c1", "@ai talk a lot").await;
+    let question = ada_ws.send_message(&room, "c1", "@ai talk a lot").await;
     let started = bob_ws.recv_until(|f| f["type"] == "event" && f["event"]["kind"] == "ai.started").await;
     let answer_id = started["event"]["message_id"].clone();
     bob_ws.recv_until(|f| f["type"] == "ai.delta" && f["offset"].as_u64() > Some(10)).await;
@@ -198,8 +198,9 @@ async fn cancel_aborts_the_upstream_request_at_once_and_keeps_the_partial_text()
     // Someone else's answer: a member may not cancel it.
     let refused = bob_ws.request(json!({"type": "cancel", "room": room, "message_id": answer_id})).await;
     assert_eq!(refused["code"], "forbidden");
+    // The author cancels by the id of the question (the answer's id works the same).
     let asked_at = Instant::now();
-    let ack = ada_ws.request(json!({"type": "cancel", "room": room, "message_id": answer_id})).await;
+    let ack = ada_ws.request(json!({"type": "cancel", "room": room, "message_id": question["message_id"]})).await;
     assert_eq!(ack["type"], "ack", "{ack}");
     let request = fake.wait_for_end(0).await;
     let closed = request.closed_early_at.expect("the provider saw the connection closed before the end");
@@ -231,6 +232,11 @@ async fn one_answer_at_a_time_the_queue_is_visible_and_edits_before_the_start_co
     assert_eq!(queue["agent"], "ai");
     assert_eq!(queue["queue"][0]["trigger_message_id"], second["message_id"]);
     assert_eq!(queue["queue"][0]["position"], 1);
+    // A client subscribing now is told the queue right away.
+    let (mut fresh, _) = Ws::connect_with_node(&server.ws_url(), &_bob.token).await;
+    fresh.subscribe(&room, None).await;
+    let told = fresh.recv_until(|f| f["type"] == "ai.queue").await;
+    assert_eq!(told["queue"][0]["trigger_message_id"], second_id);
     // Edited while queued: the answer will be to the edited text.
     let edit = bob_ws.request(json!({"type": "edit", "room": room, "message_id": second["message_id"], "text": "/ai two, edited"})).await;
     assert_eq!(edit["type"], "ack");

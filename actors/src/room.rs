@@ -6,7 +6,7 @@
 //! bounded broadcast channel (a session that falls behind it is cut off, nobody else waits).
 //! It stops itself after `idle_timeout` with no session and no write in flight.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,8 @@ use crate::time::Timestamp;
 
 /// How long to wait for a missing seq to arrive by itself before fetching it from the log.
 const GAP_REPAIR_DELAY: Duration = Duration::from_millis(100);
+/// Ended answers remembered, to ignore their late deltas.
+const ENDED_REMEMBERED: usize = 256;
 /// Most events fetched in one gap repair.
 const GAP_REPAIR_LIMIT: u32 = 1000;
 
@@ -137,6 +139,9 @@ pub struct Room {
     answers: HashMap<MessageId, LiveAnswer>,
     /// Each agent's queue of waiting triggers (on any node), as last announced.
     queues: HashMap<String, Vec<QueuedTrigger>>,
+    /// Answers that ended recently: a delta or snapshot still in flight on the bus must not
+    /// bring them back to life.
+    ended: VecDeque<MessageId>,
     writes_in_flight: usize,
     last_activity: Instant,
 }
@@ -161,6 +166,7 @@ impl Room {
             agent_actors: HashMap::new(),
             answers: HashMap::new(),
             queues: HashMap::new(),
+            ended: VecDeque::new(),
             writes_in_flight: 0,
             last_activity: Instant::now(),
         }
@@ -238,6 +244,10 @@ impl Room {
             | EventBody::AiFailed { message, .. }
             | EventBody::AiCancelled { message, .. } => {
                 self.answers.remove(&message.id);
+                self.ended.push_back(message.id.clone());
+                if self.ended.len() > ENDED_REMEMBERED {
+                    self.ended.pop_front();
+                }
             }
             _ => {}
         }
@@ -297,6 +307,9 @@ impl Room {
     /// Applies a delta, fans it out to this node's members and, when it is this node's own
     /// agent writing, to the other nodes.
     fn apply_delta(&mut self, message_id: MessageId, offset: usize, text: String, publish: bool) {
+        if self.ended.contains(&message_id) {
+            return;
+        }
         let answer = self.answers.entry(message_id.clone()).or_default();
         answer.touched = Some(Instant::now());
         if !answer.splice(offset, &text) {
@@ -660,6 +673,8 @@ pub struct Joined {
     /// AI answers in progress and their text so far (sent as `ai.delta` with offset 0 after the
     /// replay; the deltas that follow come through `frames`).
     pub answers: Vec<(MessageId, String)>,
+    /// Each agent's queue of waiting triggers, when not empty.
+    pub queues: Vec<(String, Vec<QueuedTrigger>)>,
 }
 
 impl Handler<Join> for Room {
@@ -687,6 +702,12 @@ impl Handler<Join> for Room {
             role,
             online,
             answers: self.answers_in_progress(),
+            queues: self
+                .queues
+                .iter()
+                .filter(|(_, queue)| !queue.is_empty())
+                .map(|(agent, queue)| (agent.clone(), queue.clone()))
+                .collect(),
         })
     }
 }
@@ -996,8 +1017,9 @@ impl Handler<CancelAnswer> for Room {
         };
         let author = self
             .answers
-            .get(&msg.message_id)
-            .and_then(|answer| answer.trigger_author.clone())
+            .iter()
+            .find(|(id, answer)| **id == msg.message_id || answer.trigger_message_id.as_ref() == Some(&msg.message_id))
+            .and_then(|(_, answer)| answer.trigger_author.clone())
             .or_else(|| {
                 self.queues
                     .values()
@@ -1128,6 +1150,9 @@ impl Handler<RemoteEphemeral> for Room {
                 self.apply_delta(message_id, offset, text, false);
             }
             BusPayload::AiSnapshot { message_id, text } => {
+                if self.ended.contains(&message_id) {
+                    return;
+                }
                 let answer = self.answers.entry(message_id.clone()).or_default();
                 answer.touched = Some(Instant::now());
                 if answer.text != text {

@@ -391,6 +391,9 @@ impl Session {
         );
         let frames = joined.frames;
         let answers = joined.answers;
+        for (agent, queue) in joined.queues {
+            self.send(ctx, &ServerFrame::AiQueue { room: room.clone(), agent, queue });
+        }
         if let Some(since) = since_seq.filter(|since| *since > head) {
             // The client saw more than this node's room has delivered yet (it comes from a node
             // that was ahead). What it has must not come again when this room catches up: start

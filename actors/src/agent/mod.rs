@@ -483,9 +483,12 @@ async fn stream_answer(
             tools,
             max_tokens: Some(config.answer_tokens),
         };
+
+        let prompt_estimate: usize = request.messages.iter().map(|m| context::estimate_tokens(&m.content)).sum();
         let mut stream = provider.stream(request).await.map_err(|e| (error_code(&e), e.to_string()))?;
         let mut calls = Vec::new();
         let mut step_text = String::new();
+        let mut reported = false;
         while let Some(item) = stream.next().await {
             match item.map_err(|e| (error_code(&e), e.to_string()))? {
                 StreamItem::Delta(text) => {
@@ -498,12 +501,21 @@ async fn stream_answer(
                 }
                 StreamItem::ToolCall(call) => calls.push(call),
                 StreamItem::Usage { prompt_tokens, completion_tokens } => {
+                    reported = true;
                     if let Ok(mut usage) = progress.usage.lock() {
                         usage.prompt_tokens += prompt_tokens;
                         usage.completion_tokens += completion_tokens;
                     }
                 }
                 StreamItem::Done { .. } => break,
+            }
+        }
+        if !reported {
+            // Some servers (older llama.cpp, some proxies) report no usage: charge an estimate
+            // so the token budgets still hold.
+            if let Ok(mut usage) = progress.usage.lock() {
+                usage.prompt_tokens += prompt_estimate as u64;
+                usage.completion_tokens += context::estimate_tokens(&step_text) as u64;
             }
         }
         if calls.is_empty() {
