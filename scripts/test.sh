@@ -30,7 +30,8 @@ bash scripts/validate-deploy.sh
 echo "== cargo test"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
-cargo test --workspace --locked 2>&1 | tee "$log"
+# --no-fail-fast: every suite runs and reports, even after one fails.
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
 skipped="$(grep -c '^SKIPPED' "$log" || true)"
 if [ "$skipped" != "0" ]; then
     echo "== $skipped Postgres test(s) SKIPPED (no PostgreSQL reachable):"

@@ -30,6 +30,9 @@ pub struct AppState {
     pub drain: watch::Sender<Option<Duration>>,
     /// HTTP writes and auth attempts, per caller.
     pub http_limiter: KeyedLimiter,
+    /// Password hashes computed at once (argon2id takes 19 MiB and tens of ms each): bounds the
+    /// memory and CPU a burst of sign-ups or log-ins can take.
+    pub hashing: tokio::sync::Semaphore,
     next_session: AtomicU64,
 }
 
@@ -56,6 +59,9 @@ impl AppState {
             metrics,
             drain: watch::channel(None).0,
             http_limiter,
+            hashing: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |cores| cores.get()),
+            ),
             next_session: AtomicU64::new(1),
         }
     }

@@ -72,11 +72,13 @@ async fn migrations_are_idempotent_and_safe_to_race() {
         .expect("direct connection");
     tokio::spawn(connection);
     let row = client
-        .query_one("SELECT count(*), min(version) FROM schema_migrations", &[])
+        .query_one("SELECT count(*), count(DISTINCT version), min(version), max(version) FROM schema_migrations", &[])
         .await
         .expect("migrations table");
-    assert_eq!(row.get::<_, i64>(0), 1, "V001 is recorded exactly once");
-    assert_eq!(row.get::<_, i32>(1), 1);
+    let (rows, distinct) = (row.get::<_, i64>(0), row.get::<_, i64>(1));
+    assert_eq!(rows, distinct, "each migration is recorded exactly once");
+    assert_eq!((row.get::<_, i32>(2), row.get::<_, i32>(3) as i64), (1, rows), "V001..V{rows}, none missing");
+    assert!(rows >= 2, "V001 and V002 at least");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -77,6 +77,7 @@ pub async fn register(
         )));
     }
     let password = body.password;
+    let _permit = state.hashing.acquire().await.map_err(|_| ApiError::new(ErrorCode::Internal, "hashing is closed"))?;
     let hash = web::block(move || hash_password(&password))
         .await
         .map_err(|_| ApiError::new(ErrorCode::Internal, "hashing was interrupted"))?
@@ -103,6 +104,7 @@ pub async fn login(
         None => (None, dummy_hash().to_owned()),
     };
     let password = body.password;
+    let _permit = state.hashing.acquire().await.map_err(|_| ApiError::new(ErrorCode::Internal, "hashing is closed"))?;
     let valid = web::block(move || verify_password(&password, &stored))
         .await
         .map_err(|_| ApiError::new(ErrorCode::Internal, "verification was interrupted"))?;

@@ -71,9 +71,10 @@ pub struct Session {
     fragments: Option<Vec<u8>>,
 }
 
-/// One item of a room's live stream, tagged so the session knows which subscription it is for.
+/// One item of a room's live stream, tagged with its subscription's generation (unique within
+/// the session), which is all the session needs to find it: nothing is allocated or hashed per
+/// delivered frame.
 struct RoomItem {
-    room: RoomId,
     generation: u64,
     /// `None`: the room's stream ended (the Room actor stopped).
     frame: Option<Result<Arc<RoomFrame>, BroadcastStreamRecvError>>,
@@ -475,14 +476,11 @@ impl Session {
         generation: u64,
         frames: cochat_actors::room::RoomFrames,
     ) {
-        let tag = room.clone();
         let live = BroadcastStream::new(frames).map(move |frame| RoomItem {
-            room: tag.clone(),
             generation,
             frame: Some(frame),
         });
         let end = futures_util::stream::once(std::future::ready(RoomItem {
-            room: room.clone(),
             generation,
             frame: None,
         }));
@@ -688,22 +686,23 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
 
 impl StreamHandler<RoomItem> for Session {
     fn handle(&mut self, item: RoomItem, ctx: &mut Self::Context) {
-        let Some(sub) = self.subs.get_mut(&item.room) else { return };
-        if sub.generation != item.generation {
+        // Sessions hold a handful of subscriptions: a scan beats hashing the room id per frame.
+        let Some((room, sub)) = self.subs.iter_mut().find(|(_, sub)| sub.generation == item.generation) else {
             return;
-        }
+        };
         match item.frame {
             None => {
-                self.subs.remove(&item.room);
+                let room = room.clone();
+                self.subs.remove(&room);
                 let frame = ServerFrame::Unsubscribed {
                     reply_to: None,
-                    room: item.room,
+                    room,
                     reason: Some("room_closed".into()),
                 };
                 self.send(ctx, &frame);
             }
             Some(Err(BroadcastStreamRecvError::Lagged(missed))) => {
-                tracing::info!(user = %self.user.id, room = %item.room, missed, "slow consumer cut off");
+                tracing::info!(user = %self.user.id, room = %room, missed, "slow consumer cut off");
                 self.state.metrics.slow_consumers.inc();
                 self.close(ctx, CloseCode::Policy, "slow_consumer: reconnect with since_seq");
             }
@@ -716,17 +715,18 @@ impl StreamHandler<RoomItem> for Session {
                         return;
                     }
                     if seq != sub.last_seq + 1 {
-                        tracing::error!(room = %item.room, seq, last = sub.last_seq, "room stream skipped a seq");
+                        tracing::error!(room = %room, seq, last = sub.last_seq, "room stream skipped a seq");
                     }
                     sub.last_seq = seq;
                 }
                 self.state.metrics.frames_out.inc();
                 ctx.text(frame.bytes.clone());
                 if frame.revoke_user.as_ref() == Some(&self.user.id) {
-                    self.drop_subscription(ctx, &item.room, true);
+                    let room = room.clone();
+                    self.drop_subscription(ctx, &room, true);
                     let frame = ServerFrame::Unsubscribed {
                         reply_to: None,
-                        room: item.room,
+                        room,
                         reason: Some("removed".into()),
                     };
                     self.send(ctx, &frame);
