@@ -11,8 +11,9 @@
 #
 # What it starts, all on 127.0.0.1 and all stopped at exit: cochat processes (SQLite in a temp
 # dir, or a Postgres database created for the run and dropped after), a private redis-server on a
-# free port, the Socket.IO peer (node). Environment: BENCH_POSTGRES_URL (admin URL, default
-# postgres://postgres@127.0.0.1:5432/postgres).
+# free port, the Socket.IO peer (node), the fake AI provider (cochat-bench fake-llm). Environment:
+# BENCH_POSTGRES_URL (admin URL, default postgres://postgres@127.0.0.1:5432/postgres),
+# BENCH_SCENARIOS (a subset of "idle fanout durable cluster ai"), BENCH_NO_BUILD=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +27,12 @@ full | smoke) ;;
 esac
 
 PG_ADMIN_URL="${BENCH_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+
+# BENCH_SCENARIOS="ai" (or any of: idle fanout durable cluster ai; cluster includes reconnect) runs
+# only those; the default is all of them.
+ALL_SCENARIOS="idle fanout durable cluster ai"
+SCENARIOS="${BENCH_SCENARIOS:-$ALL_SCENARIOS}"
+want() { [[ " $SCENARIOS " == *" $1 "* ]]; }
 
 # BENCH_NO_BUILD=1 uses the binaries already in target/ (e.g. built a moment ago).
 if [ "$MODE" = smoke ]; then
@@ -167,13 +174,19 @@ if [ "$MODE" = smoke ]; then
     FAN_ROOMS=2 FAN_MEMBERS=5 FAN_SENDERS=2 FAN_RATES="40" FAN_DURATION=2 FAN_WORKERS=1
     DUR_CONNS=4 DUR_WINDOW=2 DUR_DURATION=2
     CL_RATES="40" RC_CONNS=30 RC_TIMEOUT=30
+    AI_MEMBERS="5" AI_ROOMS=1 AI_ANSWERS=2 AI_TOKENS=10 AI_WORKERS=1
 else
     IDLE_CONNS="${BENCH_IDLE_CONNS:-19500}" IDLE_WORKERS=2 IDLE_HOLD=10
     FAN_ROOMS=20 FAN_MEMBERS=500 FAN_SENDERS=20 FAN_RATES="${BENCH_FAN_RATES:-250 1000 2000}" FAN_DURATION=10 FAN_WORKERS=2
     DUR_CONNS=64 DUR_WINDOW=8 DUR_DURATION=15
     CL_RATES="${BENCH_CL_RATES:-250 1000}" RC_CONNS=3000 RC_TIMEOUT=60
+    AI_MEMBERS="${BENCH_AI_MEMBERS:-10 100 1000}" AI_ROOMS=1 AI_ANSWERS=10 AI_TOKENS=100 AI_WORKERS=2
 fi
+AI_RATE=50 # tokens/s from the fake provider
 
+# run.json describes a run of every scenario; a partial run writes run-<scenarios>.json instead.
+RUN_JSON=run.json
+[ "$SCENARIOS" = "$ALL_SCENARIOS" ] || RUN_JSON="run-$(echo $SCENARIOS | tr ' ' '-').json"
 {
     echo "{"
     echo "  \"mode\": \"$MODE\","
@@ -183,12 +196,14 @@ fi
     echo "  \"nproc\": $(nproc),"
     echo "  \"cpu_model\": \"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')\","
     echo "  \"mem_total_kib\": $(awk '/MemTotal/ {print $2}' /proc/meminfo),"
-    echo "  \"open_files_limit\": \"$(ulimit -n)\""
+    echo "  \"open_files_limit\": \"$(ulimit -n)\","
+    echo "  \"scenarios\": \"$SCENARIOS\""
     echo "}"
-} >"$OUT/run.json"
+} >"$OUT/$RUN_JSON"
 
 # ------------------------------------------------------------------------------------------
 # idle
+if want idle; then
 note "idle: cochat"
 PORT="$(free_port)"
 start_cochat idle "$PORT" "sqlite://$WORK/idle/cochat.db"
@@ -206,9 +221,11 @@ if [ "$HAVE_PEER" = 1 ]; then
 else
     skip "socket.io peer (bench/socketio/node_modules not installed: cd bench/socketio && npm ci)"
 fi
+fi
 
 # ------------------------------------------------------------------------------------------
 # fanout, one node (SQLite: the single-node default; Postgres would share the 2 cores too)
+if want fanout; then
 for RATE in $FAN_RATES; do
     note "fanout: cochat, $RATE msgs/s"
     PORT="$(free_port)"
@@ -227,9 +244,11 @@ for RATE in $FAN_RATES; do
         stop_pid "$STARTED_PID"
     fi
 done
+fi
 
 # ------------------------------------------------------------------------------------------
 # durable: acked sends on SQLite and on Postgres
+if want durable; then
 note "durable: sqlite"
 PORT="$(free_port)"
 start_cochat durable-sqlite "$PORT" "sqlite://$WORK/durable-sqlite/cochat.db"
@@ -248,9 +267,11 @@ if [ "$HAVE_PG" = 1 ]; then
 else
     skip "durable on Postgres, cluster and reconnect (no Postgres at $PG_ADMIN_URL)"
 fi
+fi
 
 # ------------------------------------------------------------------------------------------
 # cluster (3 nodes, Postgres + Redis) and reconnect
+if want cluster; then
 if [ "$HAVE_PG" = 1 ]; then
     if start_redis; then
         start_cluster() { # sets NODES, NODE_PIDS
@@ -286,6 +307,41 @@ if [ "$HAVE_PG" = 1 ]; then
     else
         skip "cluster and reconnect (redis-server not installed)"
     fi
+fi
+fi
+
+# ------------------------------------------------------------------------------------------
+# ai: a fake provider (cochat-bench fake-llm) streaming timestamped tokens at $AI_RATE/s; rooms of
+# M subscribed members, one more member asks `/ai go` AI_ANSWERS times (answered one after another)
+start_fake_llm() { # sets FAKE_PORT, STARTED_PID
+    local i
+    FAKE_PORT="$(free_port)"
+    "$BENCH" fake-llm --listen "127.0.0.1:$FAKE_PORT" --tokens "$AI_TOKENS" --rate "$AI_RATE" >"$WORK/fake-llm.log" 2>&1 &
+    STARTED_PID=$!
+    PIDS+=("$STARTED_PID")
+    for i in $(seq 1 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$FAKE_PORT") 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    echo "fake-llm did not listen on $FAKE_PORT" >&2
+    cat "$WORK/fake-llm.log" >&2
+    return 1
+}
+if want ai; then
+start_fake_llm
+FAKE_PID="$STARTED_PID"
+for M in $AI_MEMBERS; do
+    note "ai: rooms of $M members, $AI_ANSWERS answers of $AI_TOKENS tokens at $AI_RATE tokens/s"
+    PORT="$(free_port)"
+    start_cochat "ai-$M" "$PORT" "sqlite://$WORK/ai-$M/cochat.db" AI_BASE_URL="http://127.0.0.1:$FAKE_PORT/v1" AI_MODEL=fake \
+        COCHAT_AI_TRIGGERS_PER_MIN_USER=1000000 COCHAT_AI_TRIGGERS_PER_MIN_ROOM=1000000 \
+        COCHAT_AI_TOKENS_PER_DAY_USER=1000000000 COCHAT_AI_TOKENS_PER_DAY_ROOM=1000000000
+    run "ai-m$M.json" ai --nodes "127.0.0.1:$PORT" --rooms "$AI_ROOMS" --members "$M" --answers "$AI_ANSWERS" \
+        --tokens "$AI_TOKENS" --rate "$AI_RATE" --workers "$AI_WORKERS" --server-pid "$STARTED_PID" \
+        --label "sqlite, 1 node, fake provider at $AI_RATE tokens/s"
+    stop_pid "$STARTED_PID"
+done
+stop_pid "$FAKE_PID"
 fi
 
 note "results in $OUT/"

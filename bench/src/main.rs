@@ -7,11 +7,15 @@
 //!              (with several `--nodes` this is the cluster scenario: cross-node deliveries/s)
 //!   durable    C connections each keeping W sends in flight; acked sends/s, ack latency
 //!   reconnect  N clients on one node; kill -9 (or SIGTERM) it; time until all are back and caught up
+//!   ai         R rooms x M members, an agent answering `/ai go` from `fake-llm` (a fake provider
+//!              streaming timestamped tokens at 50/s); latency provider -> member and -> last member
 //!
 //! Clients are spread over `--workers K` child processes of this binary (each a single-threaded
 //! tokio runtime) and over 127.0.x.y source addresses, because one process may hold at most
 //! 20,000 open files here.
 
+mod ai;
+mod fakellm;
 mod net;
 mod stats;
 
@@ -38,6 +42,9 @@ const USAGE: &str = "usage:
                          [--duration S] [--workers K] [--users U] [--server-pid PID[,..]] [--name cluster]
   cochat-bench durable   --nodes HOST:PORT --conns C --window W [--rooms R] [--duration S] [--backend sqlite|postgres]
   cochat-bench reconnect --nodes A,B[,..] --victim-pid PID [--signal KILL|TERM] --conns N [--rate MSGS_PER_S]
+  cochat-bench ai        --nodes HOST:PORT --members M [--rooms R] [--answers A] [--tokens N] [--rate TOKENS_PER_S]
+                         [--workers K] [--users U] [--server-pid PID] [--timeout S]
+  cochat-bench fake-llm  --listen 127.0.0.1:PORT [--tokens N] [--rate TOKENS_PER_S]   (runs until killed)
   common: --out FILE.json  --label TEXT  --text-bytes 100
   cochat-bench free-port";
 
@@ -51,14 +58,25 @@ fn main() -> Result<()> {
             let count: usize = argv.get(4).ok_or_else(|| anyhow!("count"))?.parse()?;
             let plan: Plan = serde_json::from_slice(&std::fs::read(plan_path)?)?;
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            if plan.ai_answers > 0 {
+                return runtime.block_on(ai::worker(Arc::new(plan), index, count));
+            }
             runtime.block_on(worker(Arc::new(plan), index, count))
+        }
+        "fake-llm" => {
+            let args = Args::parse(&argv[2..])?;
+            let listen = args.str("listen", "127.0.0.1:0");
+            let tokens: usize = args.num("tokens", 100)?;
+            let rate: f64 = args.num("rate", 50.0)?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(fakellm::serve(&listen, tokens, rate))
         }
         "free-port" => {
             let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
             println!("{}", listener.local_addr()?.port());
             Ok(())
         }
-        "idle" | "fanout" | "durable" | "reconnect" => {
+        "idle" | "fanout" | "durable" | "reconnect" | "ai" => {
             let args = Args::parse(&argv[2..])?;
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             let report = runtime.block_on(async {
@@ -66,6 +84,7 @@ fn main() -> Result<()> {
                     "idle" => idle(&args).await,
                     "fanout" => fanout(&args).await,
                     "durable" => durable(&args).await,
+                    "ai" => ai::run(&args).await,
                     _ => reconnect(&args).await,
                 }
             })?;
@@ -177,6 +196,9 @@ struct Plan {
     drain_s: f64,
     text_bytes: usize,
     connect_concurrency: usize,
+    /// The ai scenario: answers asked per room (0: not the ai scenario).
+    #[serde(default)]
+    ai_answers: usize,
 }
 
 impl Plan {
@@ -678,6 +700,7 @@ async fn idle(args: &Args) -> Result<Value> {
         drain_s: 0.0,
         text_bytes: 100,
         connect_concurrency: args.num("concurrency", 64)?,
+        ai_answers: 0,
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = rss_of(&pids);
@@ -743,6 +766,7 @@ async fn fanout(args: &Args) -> Result<Value> {
         drain_s: args.num("drain", 3.0)?,
         text_bytes: args.num("text-bytes", 100)?,
         connect_concurrency: args.num("concurrency", 64)?,
+        ai_answers: 0,
     };
     let mut w = Workers::spawn(&plan, workers).await?;
     let ready = w.collect("READY", Duration::from_secs(600)).await?;
@@ -806,6 +830,7 @@ async fn durable(args: &Args) -> Result<Value> {
         drain_s: 2.0,
         text_bytes: args.num("text-bytes", 100)?,
         connect_concurrency: 64,
+        ai_answers: 0,
     };
     let mut w = Workers::spawn(&plan, workers).await?;
     let ready = w.collect("READY", Duration::from_secs(300)).await?;
