@@ -496,7 +496,7 @@ async fn stream_answer(
                     emit(room, progress, message_id, &text);
                     if last_checkpoint.elapsed() >= config.checkpoint_every {
                         last_checkpoint = Instant::now();
-                        checkpoint(deps, room, room_id, message_id, progress).await;
+                        checkpoint(deps, room, room_id, message_id, progress);
                     }
                 }
                 StreamItem::ToolCall(call) => calls.push(call),
@@ -540,11 +540,16 @@ async fn stream_answer(
     Ok(())
 }
 
-async fn checkpoint(deps: &AiDeps, room: &Addr<Room>, room_id: &RoomId, message_id: &MessageId, progress: &Progress) {
+/// Saves the text so far and re-sends it whole to the other nodes. The store write runs on its
+/// own: the stream keeps being read meanwhile (a slow write must not delay the next delta).
+fn checkpoint(deps: &AiDeps, room: &Addr<Room>, room_id: &RoomId, message_id: &MessageId, progress: &Progress) {
     let text = progress.text();
-    if let Err(error) = deps.store.save_partial(room_id, message_id, &text).await {
-        tracing::debug!(%error, "checkpoint failed; the next one will carry the text");
-    }
+    let (store, room_id, id, saved) = (deps.store.clone(), room_id.clone(), message_id.clone(), text.clone());
+    tokio::spawn(async move {
+        if let Err(error) = store.save_partial(&room_id, &id, &saved).await {
+            tracing::debug!(%error, "checkpoint failed; the next one will carry the text");
+        }
+    });
     room.do_send(AgentSnapshot {
         message_id: message_id.clone(),
         text,
