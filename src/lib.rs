@@ -125,6 +125,8 @@ pub async fn run_until(
             .app_data(app_state.clone())
             .configure(|cfg| http::routes(cfg, body_limit))
     })
+    // Chat frames are small and latency matters: no Nagle delay on sockets.
+    .tcp_nodelay(true)
     // We drain ourselves on SIGTERM (readiness first, sockets closed over a window).
     .disable_signals()
     .shutdown_timeout(settings.drain_window.as_secs() + 10)

@@ -751,12 +751,19 @@ impl Room {
     /// Authorises the command and queues it for commit now, in mailbox order; the returned
     /// future answers after the commit, having fed the new event to `accept`.
     fn start_write(&mut self, actor: &UserId, command: Command) -> ResponseActFuture<Self, WriteResult> {
+        match self.authorise(actor, command) {
+            Ok(command) => self.commit(command),
+            Err(error) => Box::pin(fut::ready(Err(error))),
+        }
+    }
+
+    /// Queues an authorised command for commit now; after the commit the new event is
+    /// delivered here, published to the other nodes, and (a person's message) may start agents.
+    fn commit(&mut self, command: Command) -> ResponseActFuture<Self, WriteResult> {
         self.last_activity = Instant::now();
-        let queued = self.authorise(actor, command).and_then(|command| {
-            self.deps.committer.enqueue(Write {
-                room: self.id.clone(),
-                command,
-            })
+        let queued = self.deps.committer.enqueue(Write {
+            room: self.id.clone(),
+            command,
         });
         let answer = match queued {
             Ok(answer) => answer,
@@ -870,24 +877,7 @@ impl Handler<AgentWrite> for Room {
     type Result = ResponseActFuture<Self, WriteResult>;
 
     fn handle(&mut self, msg: AgentWrite, _ctx: &mut Self::Context) -> Self::Result {
-        self.last_activity = Instant::now();
-        let queued = self.deps.committer.enqueue(Write {
-            room: self.id.clone(),
-            command: msg.command,
-        });
-        let answer = match queued {
-            Ok(answer) => answer,
-            Err(error) => return Box::pin(fut::ready(Err(error))),
-        };
-        self.writes_in_flight += 1;
-        Box::pin(answer_of(answer).into_actor(self).map(|result, room, ctx| {
-            room.writes_in_flight -= 1;
-            if let Ok(Applied { event: Some(event), .. }) = &result {
-                room.accept(event.clone(), ctx);
-                room.deps.bus.publish(&room.id, BusPayload::Event { event: event.clone() });
-            }
-            result
-        }))
+        self.commit(msg.command)
     }
 }
 

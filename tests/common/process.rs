@@ -59,21 +59,7 @@ impl CochatProcess {
     }
 
     async fn wait_ready(&self) {
-        let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(response) = client.get(format!("{}/readyz", self.base)).send().await {
-                if response.status().is_success() {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "cochat on port {} never became ready",
-                self.port
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        super::server::wait_ready(&self.base).await;
     }
 
     pub fn ws_url(&self) -> String {

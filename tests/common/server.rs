@@ -68,21 +68,7 @@ impl TestServer {
     }
 
     async fn wait_ready(&self) {
-        let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(response) = client.get(format!("{}/readyz", self.base)).send().await {
-                if response.status().is_success() {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "server at {} never became ready",
-                self.base
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_ready(&self.base).await;
     }
 
     pub fn ws_url(&self) -> String {
@@ -104,6 +90,21 @@ impl Drop for TestServer {
             let _ = thread.join();
         }
         let _ = std::fs::remove_dir_all(&self.settings.data_dir);
+    }
+}
+
+/// Polls `<base>/readyz` until it answers 200 (30 s at most).
+pub async fn wait_ready(base: &str) {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(response) = client.get(format!("{base}/readyz")).send().await {
+            if response.status().is_success() {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "the server at {base} never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
