@@ -55,7 +55,11 @@ pub async fn run_until(
     let metrics = Arc::new(Metrics::new(&settings.node_id).context("registering metrics")?);
 
     // SQLite has a single writer: parallel transactions would only wait on each other.
-    let shards = if store_url.starts_with("sqlite") { 1 } else { settings.store_writers };
+    let shards = if store_url.starts_with("sqlite") {
+        1
+    } else {
+        settings.store_writers
+    };
     let log: Arc<dyn RoomLog> = store.clone();
     let committer = Committer::start(
         log.clone(),
@@ -117,7 +121,9 @@ pub async fn run_until(
         metrics,
     ));
 
-    let address = listener.local_addr().context("reading the listener's address")?;
+    let address = listener
+        .local_addr()
+        .context("reading the listener's address")?;
     let body_limit = settings.limits.http_body_bytes;
     let app_state = state.clone();
     let mut server = HttpServer::new(move || {
@@ -159,7 +165,10 @@ async fn drain(state: &AppState, handle: &actix_web::dev::ServerHandle) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     if !state.committer.drain(Duration::from_secs(5)).await {
-        tracing::warn!(in_flight = state.committer.in_flight(), "writes still in flight at shutdown");
+        tracing::warn!(
+            in_flight = state.committer.in_flight(),
+            "writes still in flight at shutdown"
+        );
     }
     handle.stop(true).await;
 }
@@ -205,8 +214,14 @@ fn redact_url(url: &str) -> String {
 mod tests {
     #[test]
     fn urls_lose_their_password_in_logs() {
-        assert_eq!(super::redact_url("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(
+            super::redact_url("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
         assert_eq!(super::redact_url("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(super::redact_url("sqlite://./data/cochat.db"), "sqlite://./data/cochat.db");
+        assert_eq!(
+            super::redact_url("sqlite://./data/cochat.db"),
+            "sqlite://./data/cochat.db"
+        );
     }
 }

@@ -30,7 +30,8 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new(node_id: &str) -> Result<Self, prometheus::Error> {
-        let registry = Registry::new_custom(None, Some([("node".to_owned(), node_id.to_owned())].into()))?;
+        let registry =
+            Registry::new_custom(None, Some([("node".to_owned(), node_id.to_owned())].into()))?;
         let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
             let metric = IntGauge::new(name, help)?;
             registry.register(Box::new(metric.clone()))?;
@@ -41,14 +42,20 @@ impl Metrics {
             registry.register(Box::new(metric.clone()))?;
             Ok(metric)
         };
-        let histogram = |name: &str, help: &str, buckets: Vec<f64>| -> Result<Histogram, prometheus::Error> {
-            let metric = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
-            registry.register(Box::new(metric.clone()))?;
-            Ok(metric)
-        };
-        let latency = vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+        let histogram =
+            |name: &str, help: &str, buckets: Vec<f64>| -> Result<Histogram, prometheus::Error> {
+                let metric = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
+                registry.register(Box::new(metric.clone()))?;
+                Ok(metric)
+            };
+        let latency = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        ];
         let ws_errors = IntCounterVec::new(
-            Opts::new("cochat_ws_errors_total", "error frames sent on sockets, by code"),
+            Opts::new(
+                "cochat_ws_errors_total",
+                "error frames sent on sockets, by code",
+            ),
             &["code"],
         )?;
         registry.register(Box::new(ws_errors.clone()))?;

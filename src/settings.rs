@@ -223,7 +223,11 @@ impl Settings {
             s.json_logs = match v.as_str() {
                 "json" => true,
                 "text" => false,
-                other => return Err(format!("COCHAT_LOG_FORMAT: expected text or json, got {other:?}")),
+                other => {
+                    return Err(format!(
+                        "COCHAT_LOG_FORMAT: expected text or json, got {other:?}"
+                    ))
+                }
             };
         }
         Ok(s)
@@ -269,10 +273,9 @@ mod tests {
         assert_eq!(settings.drain_window, Duration::from_millis(2500));
         assert_eq!(settings.limits.max_frame_bytes, 64 * 1024);
 
-        let error = Settings::from_lookup(|name| {
-            (name == "COCHAT_RATE_PER_S").then(|| "fast".to_owned())
-        })
-        .expect_err("a word is not a rate");
+        let error =
+            Settings::from_lookup(|name| (name == "COCHAT_RATE_PER_S").then(|| "fast".to_owned()))
+                .expect_err("a word is not a rate");
         assert!(error.contains("COCHAT_RATE_PER_S"), "{error}");
     }
 
@@ -285,8 +288,14 @@ mod tests {
             settings.store_url()
         };
         assert_eq!(with("postgres://h/db"), "postgres://h/db?pool_size=4");
-        assert_eq!(with("postgres://h/db?sslmode=disable"), "postgres://h/db?sslmode=disable&pool_size=4");
-        assert_eq!(with("postgres://h/db?pool_size=9"), "postgres://h/db?pool_size=9");
+        assert_eq!(
+            with("postgres://h/db?sslmode=disable"),
+            "postgres://h/db?sslmode=disable&pool_size=4"
+        );
+        assert_eq!(
+            with("postgres://h/db?pool_size=9"),
+            "postgres://h/db?pool_size=9"
+        );
     }
 
     #[test]

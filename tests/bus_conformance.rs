@@ -28,8 +28,14 @@ fn local_pair() -> Pair {
     let (a_tx, a_rx) = mpsc::channel(10_000);
     let (b_tx, b_rx) = mpsc::channel(10_000);
     (
-        Node { bus: Arc::new(hub.join("node-a", a_tx)), notices: a_rx },
-        Node { bus: Arc::new(hub.join("node-b", b_tx)), notices: b_rx },
+        Node {
+            bus: Arc::new(hub.join("node-a", a_tx)),
+            notices: a_rx,
+        },
+        Node {
+            bus: Arc::new(hub.join("node-b", b_tx)),
+            notices: b_rx,
+        },
     )
 }
 
@@ -41,9 +47,15 @@ async fn redis_pair(url: &str) -> Pair {
         let metrics = Arc::new(Metrics::new(name).expect("metrics register"));
         let bus = RedisBus::start(url, &prefix, name, tx, metrics).expect("a valid Redis URL");
         // The subscriber announces its (first) connection.
-        let first = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("connects").expect("open");
+        let first = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("connects")
+            .expect("open");
         assert_eq!(first, BusNotice::Reconnected);
-        nodes.push(Node { bus: Arc::new(bus), notices: rx });
+        nodes.push(Node {
+            bus: Arc::new(bus),
+            notices: rx,
+        });
     }
     let b = nodes.pop().expect("two nodes");
     let a = nodes.pop().expect("two nodes");
@@ -54,7 +66,10 @@ fn shared_redis_url() -> Option<String> {
     if reachable(6379) {
         return Some("redis://127.0.0.1:6379/".into());
     }
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "Redis is required in CI on 127.0.0.1:6379");
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "Redis is required in CI on 127.0.0.1:6379"
+    );
     eprintln!("SKIPPED (no Redis on 127.0.0.1:6379): Redis half of the bus suite");
     None
 }
@@ -91,7 +106,10 @@ fn event(room: &RoomId, seq: i64) -> BusPayload {
             seq,
             at: Timestamp::now(),
             event: EventBody::MemberJoined {
-                user: UserRef { id: UserId::from("u"), name: format!("user {seq}") },
+                user: UserRef {
+                    id: UserId::from("u"),
+                    name: format!("user {seq}"),
+                },
                 role: Role::Member,
             },
         },
@@ -116,10 +134,23 @@ async fn envelopes_reach_other_subscribed_nodes_in_order_and_never_echo((mut a, 
     for seq in 1..=200 {
         a.bus.publish(&room, event(&room, seq));
     }
-    b.bus.publish(&room, BusPayload::Typing { user: UserRef { id: UserId::from("t"), name: "T".into() } });
+    b.bus.publish(
+        &room,
+        BusPayload::Typing {
+            user: UserRef {
+                id: UserId::from("t"),
+                name: "T".into(),
+            },
+        },
+    );
     for seq in 1..=200 {
-        let envelope = next_envelope(&mut b).await.unwrap_or_else(|| panic!("envelope {seq} arrives"));
-        assert_eq!((envelope.origin.as_str(), &envelope.room), ("node-a", &room));
+        let envelope = next_envelope(&mut b)
+            .await
+            .unwrap_or_else(|| panic!("envelope {seq} arrives"));
+        assert_eq!(
+            (envelope.origin.as_str(), &envelope.room),
+            ("node-a", &room)
+        );
         match envelope.payload {
             BusPayload::Event { event } => assert_eq!(event.seq, seq, "in publish order"),
             other => panic!("unexpected {other:?}"),
@@ -129,7 +160,10 @@ async fn envelopes_reach_other_subscribed_nodes_in_order_and_never_echo((mut a, 
     let heard = next_envelope(&mut a).await.expect("typing arrives");
     assert!(matches!(heard.payload, BusPayload::Typing { .. }));
     assert_eq!(heard.origin, "node-b");
-    assert!(next_envelope(&mut a).await.is_none(), "no echo of a node's own envelopes");
+    assert!(
+        next_envelope(&mut a).await.is_none(),
+        "no echo of a node's own envelopes"
+    );
 }
 
 async fn unsubscribed_and_other_rooms_hear_nothing((a, mut b): Pair) {
@@ -137,7 +171,10 @@ async fn unsubscribed_and_other_rooms_hear_nothing((a, mut b): Pair) {
     a.bus.subscribe(&room).await;
     b.bus.subscribe(&room).await;
     a.bus.publish(&other, event(&other, 1));
-    assert!(next_envelope(&mut b).await.is_none(), "not subscribed to that room");
+    assert!(
+        next_envelope(&mut b).await.is_none(),
+        "not subscribed to that room"
+    );
     b.bus.unsubscribe(&room).await;
     a.bus.publish(&room, event(&room, 1));
     assert!(next_envelope(&mut b).await.is_none(), "unsubscribed");

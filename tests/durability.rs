@@ -35,14 +35,23 @@ async fn acked_and_delivered_messages_survive_a_kill_9(db: TestDatabase) {
     let mut acked = BTreeMap::new();
     while acked.len() < 100 {
         let ack = sender.recv_until(|f| f["type"] == "ack").await;
-        acked.insert(ack["seq"].as_i64().expect("seq"), ack["message_id"].as_str().expect("id").to_owned());
+        acked.insert(
+            ack["seq"].as_i64().expect("seq"),
+            ack["message_id"].as_str().expect("id").to_owned(),
+        );
     }
     server.kill_hard();
     // Everything the watcher had been sent before the kill.
     let mut delivered = BTreeMap::new();
     while let Some(frame) = watcher.try_recv_buffered().await {
         if frame["type"] == "event" && frame["event"]["kind"] == "message.created" {
-            delivered.insert(frame["seq"].as_i64().expect("seq"), frame["event"]["message"]["id"].as_str().expect("id").to_owned());
+            delivered.insert(
+                frame["seq"].as_i64().expect("seq"),
+                frame["event"]["message"]["id"]
+                    .as_str()
+                    .expect("id")
+                    .to_owned(),
+            );
         }
     }
 
@@ -51,14 +60,27 @@ async fn acked_and_delivered_messages_survive_a_kill_9(db: TestDatabase) {
     let mut logged = BTreeMap::new();
     let mut after = 0;
     loop {
-        let (status, page) = api.call("GET", &format!("/api/v1/rooms/{room}/events?after_seq={after}&limit=500"), Some(&ada.token), None).await;
+        let (status, page) = api
+            .call(
+                "GET",
+                &format!("/api/v1/rooms/{room}/events?after_seq={after}&limit=500"),
+                Some(&ada.token),
+                None,
+            )
+            .await;
         assert_eq!(status, 200, "{page}");
         for event in page["events"].as_array().expect("events") {
             let seq = event["seq"].as_i64().expect("seq");
             assert_eq!(seq, after + 1, "the log has no gap");
             after = seq;
             if event["event"]["kind"] == "message.created" {
-                logged.insert(seq, event["event"]["message"]["id"].as_str().expect("id").to_owned());
+                logged.insert(
+                    seq,
+                    event["event"]["message"]["id"]
+                        .as_str()
+                        .expect("id")
+                        .to_owned(),
+                );
             }
         }
         if page["has_more"] != true {
@@ -66,10 +88,18 @@ async fn acked_and_delivered_messages_survive_a_kill_9(db: TestDatabase) {
         }
     }
     for (seq, id) in &acked {
-        assert_eq!(logged.get(seq), Some(id), "acked message at seq {seq} is missing after kill -9");
+        assert_eq!(
+            logged.get(seq),
+            Some(id),
+            "acked message at seq {seq} is missing after kill -9"
+        );
     }
     for (seq, id) in &delivered {
-        assert_eq!(logged.get(seq), Some(id), "delivered message at seq {seq} was never committed");
+        assert_eq!(
+            logged.get(seq),
+            Some(id),
+            "delivered message at seq {seq} was never committed"
+        );
     }
     // Unacked sends may or may not have committed; each committed one is there exactly once.
     let ids: BTreeSet<&String> = logged.values().collect();
@@ -77,9 +107,12 @@ async fn acked_and_delivered_messages_survive_a_kill_9(db: TestDatabase) {
     let _ = std::fs::remove_dir_all(&data_dir);
 }
 
-async fn sigterm_drains_readiness_first_closes_sockets_with_1012_and_loses_nothing(db: TestDatabase) {
+async fn sigterm_drains_readiness_first_closes_sockets_with_1012_and_loses_nothing(
+    db: TestDatabase,
+) {
     let data_dir = std::env::temp_dir().join(common::unique("cochat_term_"));
-    let mut server = CochatProcess::start(&db.url, &data_dir, &[("COCHAT_DRAIN_WINDOW_S", "1.5")]).await;
+    let mut server =
+        CochatProcess::start(&db.url, &data_dir, &[("COCHAT_DRAIN_WINDOW_S", "1.5")]).await;
     let api = Api::new(&server.base);
     let ada = api.register("ada").await;
     let room = api.create_room(&ada, "drain").await;
@@ -108,7 +141,11 @@ async fn sigterm_drains_readiness_first_closes_sockets_with_1012_and_loses_nothi
     }
     assert!(saw_unready, "readyz never reported the drain");
     for ws in &mut sockets {
-        assert_eq!(ws.closed().await, Some(CloseCode::Restart), "sockets close with 1012");
+        assert_eq!(
+            ws.closed().await,
+            Some(CloseCode::Restart),
+            "sockets close with 1012"
+        );
     }
     let status = server.wait_exit(Duration::from_secs(20)).await;
     assert!(status.success(), "a drained server exits 0, got {status}");

@@ -77,7 +77,11 @@ async fn migrations_are_idempotent_and_safe_to_race() {
         .expect("migrations table");
     let (rows, distinct) = (row.get::<_, i64>(0), row.get::<_, i64>(1));
     assert_eq!(rows, distinct, "each migration is recorded exactly once");
-    assert_eq!((row.get::<_, i32>(2), row.get::<_, i32>(3) as i64), (1, rows), "V001..V{rows}, none missing");
+    assert_eq!(
+        (row.get::<_, i32>(2), row.get::<_, i32>(3) as i64),
+        (1, rows),
+        "V001..V{rows}, none missing"
+    );
     assert!(rows >= 2, "V001 and V002 at least");
 }
 

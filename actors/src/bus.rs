@@ -50,7 +50,10 @@ pub enum BusPayload {
     /// that missed deltas (or started serving the room mid-answer) can repair.
     AiSnapshot { message_id: MessageId, text: String },
     /// An agent's queue changed.
-    AiQueue { agent: String, queue: Vec<QueuedTrigger> },
+    AiQueue {
+        agent: String,
+        queue: Vec<QueuedTrigger>,
+    },
     /// The room's AI usage changed.
     AiUsage { usage: UsageReport },
     /// Someone allowed to asked to stop an answer (or a queued trigger): the node running the
@@ -167,7 +170,12 @@ impl Bus for LocalBus {
     }
 
     fn shared(&self) -> bool {
-        self.hub.nodes.lock().expect("hub mutex is never poisoned").len() > 1
+        self.hub
+            .nodes
+            .lock()
+            .expect("hub mutex is never poisoned")
+            .len()
+            > 1
     }
 }
 

@@ -122,7 +122,10 @@ impl Committer {
 /// Waits for an enqueued write's answer.
 pub async fn answer_of(answer: oneshot::Receiver<WriteResult>) -> WriteResult {
     answer.await.unwrap_or_else(|_| {
-        Err(DomainError::new(ErrorCode::StoreUnavailable, "the write was abandoned"))
+        Err(DomainError::new(
+            ErrorCode::StoreUnavailable,
+            "the write was abandoned",
+        ))
     })
 }
 
@@ -162,7 +165,11 @@ async fn run_shard(
                 }
             }
             Ok(results) => {
-                tracing::error!(count, got = results.len(), "store answered a batch with the wrong number of results");
+                tracing::error!(
+                    count,
+                    got = results.len(),
+                    "store answered a batch with the wrong number of results"
+                );
                 fail_all(replies, "storage answered inconsistently");
             }
             Err(error) => {

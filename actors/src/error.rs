@@ -93,7 +93,10 @@ impl DomainError {
     }
 
     pub fn room_not_found() -> Self {
-        Self::new(ErrorCode::RoomNotFound, "no such room, or you are not a member")
+        Self::new(
+            ErrorCode::RoomNotFound,
+            "no such room, or you are not a member",
+        )
     }
 
     pub fn forbidden(message: impl Into<String>) -> Self {
@@ -123,9 +126,10 @@ impl StoreError {
     pub fn to_domain(&self) -> DomainError {
         match self {
             StoreError::Domain(error) => error.clone(),
-            StoreError::Backend(_) => {
-                DomainError::new(ErrorCode::StoreUnavailable, "storage is unavailable, try again")
-            }
+            StoreError::Backend(_) => DomainError::new(
+                ErrorCode::StoreUnavailable,
+                "storage is unavailable, try again",
+            ),
         }
     }
 }

@@ -98,7 +98,11 @@ pub enum EventBody {
         by: UserId,
     },
     #[serde(rename = "member.role_changed")]
-    MemberRoleChanged { user: UserRef, role: Role, by: UserId },
+    MemberRoleChanged {
+        user: UserRef,
+        role: Role,
+        by: UserId,
+    },
     /// An admin added an AI persona to the room.
     #[serde(rename = "agent.added")]
     AgentAdded { agent: AgentInfo, by: UserId },

@@ -109,7 +109,14 @@ fn apply(room: &RoomId, entry: &mut FakeRoom, command: Command) -> WriteResult {
             entry
                 .members
                 .insert(user.id.clone(), (user.name.clone(), Role::Member));
-            let event = push_event(room, entry, EventBody::MemberJoined { user, role: Role::Member });
+            let event = push_event(
+                room,
+                entry,
+                EventBody::MemberJoined {
+                    user,
+                    role: Role::Member,
+                },
+            );
             Ok(Applied {
                 seq: event.seq,
                 event: Some(event),
@@ -122,7 +129,11 @@ fn apply(room: &RoomId, entry: &mut FakeRoom, command: Command) -> WriteResult {
             let Some((name, _)) = entry.members.remove(&user) else {
                 return Err(DomainError::new(ErrorCode::UserNotFound, "not a member"));
             };
-            let reason = if actor == user { LeaveReason::Left } else { LeaveReason::Kicked };
+            let reason = if actor == user {
+                LeaveReason::Left
+            } else {
+                LeaveReason::Kicked
+            };
             let body = EventBody::MemberLeft {
                 user: UserRef { id: user, name },
                 reason,

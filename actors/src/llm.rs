@@ -65,8 +65,13 @@ pub struct ChatRequest {
 pub enum StreamItem {
     Delta(String),
     ToolCall(ToolCall),
-    Usage { prompt_tokens: u64, completion_tokens: u64 },
-    Done { finish_reason: Option<String> },
+    Usage {
+        prompt_tokens: u64,
+        completion_tokens: u64,
+    },
+    Done {
+        finish_reason: Option<String>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -9,10 +9,10 @@ use std::time::Duration;
 use actix::dev::ToEnvelope;
 use actix::prelude::*;
 
+use crate::bus::{BusNotice, BusPayload};
 use crate::error::DomainError;
 use crate::event::StoredEvent;
 use crate::ids::RoomId;
-use crate::bus::{BusNotice, BusPayload};
 use crate::room::{unreachable_room, Deliver, RemoteEphemeral, Resync, Room, RoomDeps};
 
 pub struct RoomRegistry {
@@ -172,7 +172,9 @@ where
     Room: Handler<M>,
     <Room as Actor>::Context: ToEnvelope<Room, M>,
 {
-    ask_room_at(registry, room, msg).await.map(|(_, answer)| answer)
+    ask_room_at(registry, room, msg)
+        .await
+        .map(|(_, answer)| answer)
 }
 
 /// Like `ask_room`, and also returns the actor that answered (sessions keep it).

@@ -21,7 +21,9 @@ use crate::commit::{answer_of, Committer};
 use crate::error::{DomainError, ErrorCode};
 use crate::event::{AgentInfo, AuthorKind, EventBody, Message, StoredEvent, UserRef};
 use crate::ids::{MessageId, Role, RoomId, Seq, SessionId, UserId};
-use crate::ports::{AnswerOutcome, Applied, Command, Partial, RoomLog, Telemetry, Write, WriteResult};
+use crate::ports::{
+    AnswerOutcome, Applied, Command, Partial, RoomLog, Telemetry, Write, WriteResult,
+};
 use crate::protocol::{Presence, QueuedTrigger, ServerFrame, UsageReport};
 use crate::registry::{RoomRegistry, RoomStopped};
 use crate::time::Timestamp;
@@ -94,7 +96,11 @@ impl LiveAnswer {
         if offset > self.chars {
             return false;
         }
-        let cut = self.text.char_indices().nth(offset).map_or(self.text.len(), |(at, _)| at);
+        let cut = self
+            .text
+            .char_indices()
+            .nth(offset)
+            .map_or(self.text.len(), |(at, _)| at);
         self.text.truncate(cut);
         self.text.push_str(delta);
         self.chars = offset + delta.chars().count();
@@ -162,7 +168,10 @@ impl Room {
             online: HashMap::new(),
             remote_online: HashMap::new(),
             fetching: false,
-            agents: HashMap::from([(AgentInfo::DEFAULT_NAME.to_owned(), AgentInfo::default_agent())]),
+            agents: HashMap::from([(
+                AgentInfo::DEFAULT_NAME.to_owned(),
+                AgentInfo::default_agent(),
+            )]),
             agent_actors: HashMap::new(),
             answers: HashMap::new(),
             queues: HashMap::new(),
@@ -257,7 +266,9 @@ impl Room {
     /// committed the message gets here, so a trigger runs once in the whole cluster; agents'
     /// own messages never trigger (no loops between agents).
     fn start_triggered_agents(&mut self, message: &Message, ctx: &mut Context<Self>) {
-        let Some(ai) = self.deps.ai.clone() else { return };
+        let Some(ai) = self.deps.ai.clone() else {
+            return;
+        };
         if message.author.kind != AuthorKind::User {
             return;
         }
@@ -275,7 +286,9 @@ impl Room {
             return;
         }
         // A reply to an agent's message calls that agent.
-        let Some(parent) = message.reply_to_message.clone() else { return };
+        let Some(parent) = message.reply_to_message.clone() else {
+            return;
+        };
         let room = self.id.clone();
         let lookup = async move { ai.store.message(&room, &parent).await };
         ctx.spawn(lookup.into_actor(self).map(move |found, room, ctx| {
@@ -418,7 +431,11 @@ impl Room {
     }
 
     /// Emits `presence` frames for every user whose online state differs between two views.
-    fn announce_presence_changes(&self, before: &HashMap<UserId, UserRef>, after: &HashMap<UserId, UserRef>) {
+    fn announce_presence_changes(
+        &self,
+        before: &HashMap<UserId, UserRef>,
+        after: &HashMap<UserId, UserRef>,
+    ) {
         for (user, who) in after {
             if !before.contains_key(user) {
                 self.broadcast_presence(who.clone(), Presence::Online);
@@ -446,13 +463,19 @@ impl Room {
     fn publish_presence(&self) {
         if self.deps.bus.shared() {
             let online = self.online.keys().map(|user| self.user_ref(user)).collect();
-            self.deps.bus.publish(&self.id, BusPayload::Presence { online });
+            self.deps
+                .bus
+                .publish(&self.id, BusPayload::Presence { online });
         }
     }
 
     fn expire_remote_presence(&mut self) {
         let now = Instant::now();
-        if self.remote_online.values().all(|(_, expires)| *expires > now) {
+        if self
+            .remote_online
+            .values()
+            .all(|(_, expires)| *expires > now)
+        {
             return;
         }
         let before = self.online_users();
@@ -531,24 +554,37 @@ impl Room {
             .map(|(id, answer)| (id.clone(), answer.clone()))
             .collect();
         for (message_id, answer) in stale {
-            let (Some(trigger_message_id), Some(trigger_author)) = (answer.trigger_message_id, answer.trigger_author) else {
+            let (Some(trigger_message_id), Some(trigger_author)) =
+                (answer.trigger_message_id, answer.trigger_author)
+            else {
                 continue;
             };
-            let info = self.agents.get(&answer.agent).cloned().unwrap_or_else(|| AgentInfo {
-                name: answer.agent.clone(),
-                ..AgentInfo::default_agent()
-            });
+            let info = self
+                .agents
+                .get(&answer.agent)
+                .cloned()
+                .unwrap_or_else(|| AgentInfo {
+                    name: answer.agent.clone(),
+                    ..AgentInfo::default_agent()
+                });
             if let Some(entry) = self.answers.get_mut(&message_id) {
                 entry.touched = Some(Instant::now()); // one attempt per period
             }
-            let job = Job { trigger_message_id, trigger_author: trigger_author.clone(), charge_to: trigger_author };
+            let job = Job {
+                trigger_message_id,
+                trigger_author: trigger_author.clone(),
+                charge_to: trigger_author,
+            };
             let room = ctx.address();
             let outcome = AnswerOutcome::Failed {
                 code: "agent_lost".into(),
                 reason: "the node writing this answer stopped before it finished".into(),
             };
             let text = answer.text;
-            ctx.spawn(async move { finish(&room, &info, &job, &message_id, text, outcome, None).await }.into_actor(self));
+            ctx.spawn(
+                async move { finish(&room, &info, &job, &message_id, text, outcome, None).await }
+                    .into_actor(self),
+            );
         }
     }
 
@@ -592,24 +628,24 @@ impl Actor for Room {
                 };
                 Ok::<_, crate::error::StoreError>(state.map(|state| (state, agents, partials)))
             }
-                .into_actor(self)
-                .map(|result, room, ctx| match result {
-                    Ok(Some((state, agents, partials))) => {
-                        room.members = state.members;
-                        room.delivered_seq = state.head_seq;
-                        room.load_ai(agents, partials);
-                        if room.deps.bus.shared() {
-                            room.deps.bus.publish(&room.id, BusPayload::PresenceQuery);
-                        }
+            .into_actor(self)
+            .map(|result, room, ctx| match result {
+                Ok(Some((state, agents, partials))) => {
+                    room.members = state.members;
+                    room.delivered_seq = state.head_seq;
+                    room.load_ai(agents, partials);
+                    if room.deps.bus.shared() {
+                        room.deps.bus.publish(&room.id, BusPayload::PresenceQuery);
                     }
-                    // A room that does not exist has no members: every request is refused with
-                    // room_not_found, exactly like a room the caller is not in.
-                    Ok(None) => {}
-                    Err(error) => {
-                        tracing::warn!(room = %room.id, %error, "cannot load room; stopping it");
-                        ctx.stop();
-                    }
-                }),
+                }
+                // A room that does not exist has no members: every request is refused with
+                // room_not_found, exactly like a room the caller is not in.
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::warn!(room = %room.id, %error, "cannot load room; stopping it");
+                    ctx.stop();
+                }
+            }),
         );
         let check_every = (self.deps.config.idle_timeout / 2).max(Duration::from_millis(50));
         ctx.run_interval(check_every, |room, ctx| {
@@ -623,9 +659,12 @@ impl Actor for Room {
                 room.publish_presence();
             }
         });
-        ctx.run_interval((config.presence_ttl / 5).max(Duration::from_millis(100)), |room, _ctx| {
-            room.expire_remote_presence();
-        });
+        ctx.run_interval(
+            (config.presence_ttl / 5).max(Duration::from_millis(100)),
+            |room, _ctx| {
+                room.expire_remote_presence();
+            },
+        );
         if let Some(ai) = &self.deps.ai {
             let every = (ai.config.stale_answer_after / 4).max(Duration::from_millis(250));
             ctx.run_interval(every, |room, ctx| room.end_stale_answers(ctx));
@@ -686,7 +725,11 @@ impl Handler<Join> for Room {
             return Err(DomainError::room_not_found());
         };
         let frames = self.frames.subscribe();
-        if self.sessions.insert(msg.session, msg.user.clone()).is_none() {
+        if self
+            .sessions
+            .insert(msg.session, msg.user.clone())
+            .is_none()
+        {
             let before = self.online_users();
             let count = self.online.entry(msg.user.clone()).or_insert(0);
             *count += 1;
@@ -750,7 +793,11 @@ pub struct Submit {
 impl Room {
     /// Authorises the command and queues it for commit now, in mailbox order; the returned
     /// future answers after the commit, having fed the new event to `accept`.
-    fn start_write(&mut self, actor: &UserId, command: Command) -> ResponseActFuture<Self, WriteResult> {
+    fn start_write(
+        &mut self,
+        actor: &UserId,
+        command: Command,
+    ) -> ResponseActFuture<Self, WriteResult> {
         match self.authorise(actor, command) {
             Ok(command) => self.commit(command),
             Err(error) => Box::pin(fut::ready(Err(error))),
@@ -773,9 +820,17 @@ impl Room {
         Box::pin(answer_of(answer).into_actor(self).map(|result, room, ctx| {
             room.writes_in_flight -= 1;
             room.last_activity = Instant::now();
-            if let Ok(Applied { event: Some(event), .. }) = &result {
+            if let Ok(Applied {
+                event: Some(event), ..
+            }) = &result
+            {
                 room.accept(event.clone(), ctx);
-                room.deps.bus.publish(&room.id, BusPayload::Event { event: event.clone() });
+                room.deps.bus.publish(
+                    &room.id,
+                    BusPayload::Event {
+                        event: event.clone(),
+                    },
+                );
                 if let EventBody::MessageCreated { message } = &event.event {
                     room.start_triggered_agents(message, ctx);
                 }
@@ -960,7 +1015,12 @@ impl Handler<AgentUsage> for Room {
     type Result = ();
 
     fn handle(&mut self, msg: AgentUsage, _ctx: &mut Self::Context) {
-        self.deps.bus.publish(&self.id, BusPayload::AiUsage { usage: msg.usage.clone() });
+        self.deps.bus.publish(
+            &self.id,
+            BusPayload::AiUsage {
+                usage: msg.usage.clone(),
+            },
+        );
         self.broadcast_ephemeral(
             ServerFrame::AiUsage {
                 room: self.id.clone(),
@@ -1008,7 +1068,10 @@ impl Handler<CancelAnswer> for Room {
         let author = self
             .answers
             .iter()
-            .find(|(id, answer)| **id == msg.message_id || answer.trigger_message_id.as_ref() == Some(&msg.message_id))
+            .find(|(id, answer)| {
+                **id == msg.message_id
+                    || answer.trigger_message_id.as_ref() == Some(&msg.message_id)
+            })
             .and_then(|(_, answer)| answer.trigger_author.clone())
             .or_else(|| {
                 self.queues
@@ -1061,17 +1124,31 @@ impl Handler<RegenerateAnswer> for Room {
         match self.role_of(&msg.by) {
             None => return Box::pin(fut::ready(Err(DomainError::room_not_found()))),
             Some(role) if !role.can_write() => {
-                return Box::pin(fut::ready(Err(DomainError::forbidden("guests read and do not write"))))
+                return Box::pin(fut::ready(Err(DomainError::forbidden(
+                    "guests read and do not write",
+                ))))
             }
             Some(_) => {}
         }
         let Some(store) = self.deps.ai.as_ref().map(|ai| ai.store.clone()) else {
-            return Box::pin(fut::ready(Err(DomainError::new(ErrorCode::NotFound, "no agents here"))));
+            return Box::pin(fut::ready(Err(DomainError::new(
+                ErrorCode::NotFound,
+                "no agents here",
+            ))));
         };
         let room = self.id.clone();
         let lookup = async move {
-            let not_an_answer = || DomainError::new(ErrorCode::MessageNotFound, "no AI answer with that id in this room");
-            let answer = store.message(&room, &msg.message_id).await.map_err(|e| e.to_domain())?.ok_or_else(not_an_answer)?;
+            let not_an_answer = || {
+                DomainError::new(
+                    ErrorCode::MessageNotFound,
+                    "no AI answer with that id in this room",
+                )
+            };
+            let answer = store
+                .message(&room, &msg.message_id)
+                .await
+                .map_err(|e| e.to_domain())?
+                .ok_or_else(not_an_answer)?;
             let agent = agent_of(&answer).ok_or_else(not_an_answer)?;
             let trigger_id = answer.reply_to_message.clone().ok_or_else(not_an_answer)?;
             let trigger = store
@@ -1079,7 +1156,9 @@ impl Handler<RegenerateAnswer> for Room {
                 .await
                 .map_err(|e| e.to_domain())?
                 .filter(|trigger| !trigger.deleted)
-                .ok_or_else(|| DomainError::new(ErrorCode::MessageNotFound, "the question was deleted"))?;
+                .ok_or_else(|| {
+                    DomainError::new(ErrorCode::MessageNotFound, "the question was deleted")
+                })?;
             Ok((agent, trigger, msg.by))
         };
         Box::pin(lookup.into_actor(self).map(|result, room, ctx| {
@@ -1100,7 +1179,12 @@ fn agent_of(message: &Message) -> Option<String> {
     if message.author.kind != AuthorKind::Ai {
         return None;
     }
-    message.author.id.as_str().strip_prefix("ai:").map(str::to_owned)
+    message
+        .author
+        .id
+        .as_str()
+        .strip_prefix("ai:")
+        .map(str::to_owned)
 }
 
 /// Typing and presence from another node.
@@ -1118,7 +1202,13 @@ impl Handler<RemoteEphemeral> for Room {
         match msg.payload {
             BusPayload::Typing { user } => {
                 let skip = Some(user.id.clone());
-                self.broadcast_ephemeral(ServerFrame::Typing { room: self.id.clone(), user }, skip);
+                self.broadcast_ephemeral(
+                    ServerFrame::Typing {
+                        room: self.id.clone(),
+                        user,
+                    },
+                    skip,
+                );
             }
             BusPayload::Presence { online } => {
                 let before = self.online_users();
@@ -1136,7 +1226,11 @@ impl Handler<RemoteEphemeral> for Room {
                 }
             }
             BusPayload::Event { event } => self.accept(event, ctx),
-            BusPayload::AiDelta { message_id, offset, text } => {
+            BusPayload::AiDelta {
+                message_id,
+                offset,
+                text,
+            } => {
                 self.apply_delta(message_id, offset, text, false);
             }
             BusPayload::AiSnapshot { message_id, text } => {
@@ -1150,21 +1244,42 @@ impl Handler<RemoteEphemeral> for Room {
                     answer.chars = 0;
                     answer.splice(0, &text);
                     self.broadcast_ephemeral(
-                        ServerFrame::AiDelta { room: self.id.clone(), message_id, offset: 0, text },
+                        ServerFrame::AiDelta {
+                            room: self.id.clone(),
+                            message_id,
+                            offset: 0,
+                            text,
+                        },
                         None,
                     );
                 }
             }
             BusPayload::AiQueue { agent, queue } => {
                 self.queues.insert(agent.clone(), queue.clone());
-                self.broadcast_ephemeral(ServerFrame::AiQueue { room: self.id.clone(), agent, queue }, None);
+                self.broadcast_ephemeral(
+                    ServerFrame::AiQueue {
+                        room: self.id.clone(),
+                        agent,
+                        queue,
+                    },
+                    None,
+                );
             }
             BusPayload::AiUsage { usage } => {
-                self.broadcast_ephemeral(ServerFrame::AiUsage { room: self.id.clone(), usage }, None);
+                self.broadcast_ephemeral(
+                    ServerFrame::AiUsage {
+                        room: self.id.clone(),
+                        usage,
+                    },
+                    None,
+                );
             }
             BusPayload::AiCancel { message_id, by } => {
                 for agent in self.agent_actors.values() {
-                    agent.do_send(CancelJob { message_id: message_id.clone(), by: by.clone() });
+                    agent.do_send(CancelJob {
+                        message_id: message_id.clone(),
+                        by: by.clone(),
+                    });
                 }
             }
         }
@@ -1203,5 +1318,8 @@ impl Handler<RoleOf> for Room {
 
 /// Reports the error code a caller should see when a room cannot be reached at all.
 pub fn unreachable_room() -> DomainError {
-    DomainError::new(ErrorCode::StoreUnavailable, "the room is unavailable, try again")
+    DomainError::new(
+        ErrorCode::StoreUnavailable,
+        "the room is unavailable, try again",
+    )
 }

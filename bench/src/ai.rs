@@ -20,7 +20,10 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::fakellm::token_times;
 use crate::net::{self, now_nanos, Target, Ws};
 use crate::stats::Hist;
-use crate::{cochat_setup, connect_all, merged, ready_summary, round3, rss_of, sum, Args, ConnSpec, Plan, Workers};
+use crate::{
+    cochat_setup, connect_all, merged, ready_summary, round3, rss_of, sum, Args, ConnSpec, Plan,
+    Workers,
+};
 
 #[derive(Default)]
 struct AiStats {
@@ -87,7 +90,9 @@ async fn member(mut ws: Ws, answers: usize, stats: Shared) {
         let text = match frame {
             Ok(Message::Text(text)) => text,
             Ok(Message::Close(frame)) => {
-                reason = frame.map(|f| format!("{} {}", u16::from(f.code), f.reason)).unwrap_or_else(|| "close".to_owned());
+                reason = frame
+                    .map(|f| format!("{} {}", u16::from(f.code), f.reason))
+                    .unwrap_or_else(|| "close".to_owned());
                 break;
             }
             Ok(_) => continue,
@@ -97,10 +102,14 @@ async fn member(mut ws: Ws, answers: usize, stats: Shared) {
             }
         };
         let text = text.as_str();
-        if text.starts_with("{\"type\":\"ai.delta\"") || (text.contains("\"type\":\"ai.delta\"") && !text.contains("\"type\":\"event\"")) {
+        if text.starts_with("{\"type\":\"ai.delta\"")
+            || (text.contains("\"type\":\"ai.delta\"") && !text.contains("\"type\":\"event\""))
+        {
             let now_us = now_nanos() / 1000;
             let Ok(delta) = serde_json::from_str::<Delta>(text) else {
-                lock(&stats).first_error.get_or_insert_with(|| format!("unreadable ai.delta: {text}"));
+                lock(&stats)
+                    .first_error
+                    .get_or_insert_with(|| format!("unreadable ai.delta: {text}"));
                 continue;
             };
             let mut s = lock(&stats);
@@ -125,11 +134,16 @@ async fn member(mut ws: Ws, answers: usize, stats: Shared) {
                 s.latency.record_us(latency);
                 worst = worst.max(latency);
             }
-            let slot = s.per_delta.entry((delta.message_id.into_owned(), delta.offset)).or_insert((0, 0));
+            let slot = s
+                .per_delta
+                .entry((delta.message_id.into_owned(), delta.offset))
+                .or_insert((0, 0));
             slot.0 = slot.0.max(worst);
             slot.1 += 1;
         } else if text.contains("\"kind\":\"ai.") {
-            let Ok(v) = serde_json::from_str::<Value>(text) else { continue };
+            let Ok(v) = serde_json::from_str::<Value>(text) else {
+                continue;
+            };
             if v["type"] != "event" {
                 continue;
             }
@@ -150,12 +164,22 @@ async fn member(mut ws: Ws, answers: usize, stats: Shared) {
                         s.text_matches += 1;
                     } else {
                         s.text_mismatches += 1;
-                        s.first_mismatch.get_or_insert_with(|| format!("spliced {} chars {:?}.. vs completed {} chars {:?}..", spliced.chars().count(), spliced.chars().take(60).collect::<String>(), final_text.chars().count(), final_text.chars().take(60).collect::<String>()));
+                        s.first_mismatch.get_or_insert_with(|| {
+                            format!(
+                                "spliced {} chars {:?}.. vs completed {} chars {:?}..",
+                                spliced.chars().count(),
+                                spliced.chars().take(60).collect::<String>(),
+                                final_text.chars().count(),
+                                final_text.chars().take(60).collect::<String>()
+                            )
+                        });
                     }
                 }
                 "ai.failed" => {
                     s.failed += 1;
-                    s.first_error.get_or_insert_with(|| format!("ai.failed: {} {}", v["event"]["code"], v["event"]["reason"]));
+                    s.first_error.get_or_insert_with(|| {
+                        format!("ai.failed: {} {}", v["event"]["code"], v["event"]["reason"])
+                    });
                 }
                 _ => s.cancelled += 1,
             }
@@ -164,7 +188,9 @@ async fn member(mut ws: Ws, answers: usize, stats: Shared) {
                 s.members_done += 1;
             }
         } else if text.contains("\"type\":\"error\"") {
-            lock(&stats).first_error.get_or_insert_with(|| text.to_owned());
+            lock(&stats)
+                .first_error
+                .get_or_insert_with(|| text.to_owned());
         }
     }
     let mut s = lock(&stats);
@@ -182,7 +208,9 @@ async fn asker(ws: Ws, room: String, global: usize, answers: usize, stats: Share
             now_nanos()
         );
         if sink.send(Message::text(frame)).await.is_err() {
-            lock(&stats).first_error.get_or_insert_with(|| "an asker's socket failed".to_owned());
+            lock(&stats)
+                .first_error
+                .get_or_insert_with(|| "an asker's socket failed".to_owned());
             return;
         }
         loop {
@@ -193,13 +221,17 @@ async fn asker(ws: Ws, room: String, global: usize, answers: usize, stats: Share
                         break;
                     }
                     if t.contains("\"type\":\"error\"") {
-                        lock(&stats).first_error.get_or_insert_with(|| format!("trigger refused: {t}"));
+                        lock(&stats)
+                            .first_error
+                            .get_or_insert_with(|| format!("trigger refused: {t}"));
                         return;
                     }
                 }
                 Some(Ok(_)) => {}
                 _ => {
-                    lock(&stats).first_error.get_or_insert_with(|| "an asker's socket closed".to_owned());
+                    lock(&stats)
+                        .first_error
+                        .get_or_insert_with(|| "an asker's socket closed".to_owned());
                     return;
                 }
             }
@@ -211,18 +243,26 @@ async fn asker(ws: Ws, room: String, global: usize, answers: usize, stats: Share
 /// The worker process's side (`plan.ai_answers > 0`).
 pub async fn worker(plan: Arc<Plan>, index: usize, count: usize) -> Result<()> {
     let stats: Shared = Arc::new(Mutex::new(AiStats::default()));
-    let mine = |list: &[ConnSpec]| -> Vec<(usize, ConnSpec)> { list.iter().copied().enumerate().filter(|(i, _)| i % count == index).collect() };
+    let mine = |list: &[ConnSpec]| -> Vec<(usize, ConnSpec)> {
+        list.iter()
+            .copied()
+            .enumerate()
+            .filter(|(i, _)| i % count == index)
+            .collect()
+    };
     let receivers = mine(&plan.receivers);
     let senders = mine(&plan.senders);
     let n_receivers = receivers.len();
     let answers = plan.ai_answers;
 
-    let (sockets, handshake, errors, first_error, wall) = connect_all(&plan, index, receivers, true, 0).await;
+    let (sockets, handshake, errors, first_error, wall) =
+        connect_all(&plan, index, receivers, true, 0).await;
     let connected = sockets.len();
     for (_spec, ws) in sockets {
         tokio::spawn(member(ws, answers, stats.clone()));
     }
-    let (sender_sockets, _, sender_errors, sender_error, _) = connect_all(&plan, index, senders.clone(), false, n_receivers).await;
+    let (sender_sockets, _, sender_errors, sender_error, _) =
+        connect_all(&plan, index, senders.clone(), false, n_receivers).await;
     let ready = json!({
         "receivers": connected, "receiver_errors": errors, "connect_wall_s": wall,
         "handshake": handshake.to_pairs(), "first_error": first_error.or(sender_error),
@@ -242,7 +282,13 @@ pub async fn worker(plan: Arc<Plan>, index: usize, count: usize) -> Result<()> {
     let cpu_at_go = cpu_seconds(std::process::id());
     let sender_ids: Vec<usize> = senders.iter().map(|(i, _)| *i).collect();
     for ((spec, ws), global) in sender_sockets.into_iter().zip(sender_ids) {
-        tokio::spawn(asker(ws, plan.rooms[spec.room].clone(), global, answers, stats.clone()));
+        tokio::spawn(asker(
+            ws,
+            plan.rooms[spec.room].clone(),
+            global,
+            answers,
+            stats.clone(),
+        ));
     }
     // Until every member here has seen every answer end (or the deadline).
     while Instant::now() < deadline && lock(&stats).members_done < connected {
@@ -251,7 +297,11 @@ pub async fn worker(plan: Arc<Plan>, index: usize, count: usize) -> Result<()> {
     let cpu_s = cpu_seconds(std::process::id()) - cpu_at_go;
     tokio::time::sleep(Duration::from_secs_f64(plan.drain_s)).await;
     let s = lock(&stats);
-    let per_delta: Vec<Value> = s.per_delta.iter().map(|((id, offset), (max, n))| json!([id, offset, max, n])).collect();
+    let per_delta: Vec<Value> = s
+        .per_delta
+        .iter()
+        .map(|((id, offset), (max, n))| json!([id, offset, max, n]))
+        .collect();
     let result = json!({
         "deltas": s.deltas, "tokens": s.tokens, "latency": s.latency.to_pairs(), "per_delta": per_delta,
         "first_delta_ns": s.first_delta_ns, "last_delta_ns": s.last_delta_ns,
@@ -279,8 +329,20 @@ pub async fn run(args: &Args) -> Result<Value> {
     let timeout: f64 = args.num("timeout", answers as f64 * (answer_s + 2.0) * 2.0 + 30.0)?;
     let setup = cochat_setup(&nodes[0], users, rooms, true).await?;
     // Members of room r: j = 0..M, user j % U (every user is a member of every room), nodes round-robin.
-    let receivers: Vec<ConnSpec> = (0..rooms * members).map(|i| ConnSpec { node: i % nodes.len(), user: (i / rooms) % users, room: i % rooms }).collect();
-    let askers: Vec<ConnSpec> = (0..rooms).map(|r| ConnSpec { node: r % nodes.len(), user: r % users, room: r }).collect();
+    let receivers: Vec<ConnSpec> = (0..rooms * members)
+        .map(|i| ConnSpec {
+            node: i % nodes.len(),
+            user: (i / rooms) % users,
+            room: i % rooms,
+        })
+        .collect();
+    let askers: Vec<ConnSpec> = (0..rooms)
+        .map(|r| ConnSpec {
+            node: r % nodes.len(),
+            user: r % users,
+            room: r,
+        })
+        .collect();
     let plan = Plan {
         target: Target::Cochat,
         nodes,
@@ -303,17 +365,25 @@ pub async fn run(args: &Args) -> Result<Value> {
     let server_cpu_at_go: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
     let started = Instant::now();
     w.go().await?;
-    let results = w.collect("RESULT", Duration::from_secs_f64(timeout + 60.0)).await?;
+    let results = w
+        .collect("RESULT", Duration::from_secs_f64(timeout + 60.0))
+        .await?;
     let wall = started.elapsed().as_secs_f64();
     let server_cpu_s: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - server_cpu_at_go;
-    let generator_cpu_s: f64 = results.iter().map(|r| r["cpu_s"].as_f64().unwrap_or(0.0)).sum();
+    let generator_cpu_s: f64 = results
+        .iter()
+        .map(|r| r["cpu_s"].as_f64().unwrap_or(0.0))
+        .sum();
     let connected = sum(&ready, "receivers");
 
     // Per delta: the last member to get it, over all workers.
     let mut per_delta: HashMap<(String, u64), (u64, u64)> = HashMap::new();
     for r in &results {
         for d in r["per_delta"].as_array().into_iter().flatten() {
-            let key = (d[0].as_str().unwrap_or("").to_owned(), d[1].as_u64().unwrap_or(0));
+            let key = (
+                d[0].as_str().unwrap_or("").to_owned(),
+                d[1].as_u64().unwrap_or(0),
+            );
             let slot = per_delta.entry(key).or_insert((0, 0));
             slot.0 = slot.0.max(d[2].as_u64().unwrap_or(0));
             slot.1 += d[3].as_u64().unwrap_or(0);
@@ -330,16 +400,44 @@ pub async fn run(args: &Args) -> Result<Value> {
     }
     let answer_ids: HashSet<&str> = per_delta.keys().map(|(id, _)| id.as_str()).collect();
     let deltas = sum(&results, "deltas");
-    let first = results.iter().filter_map(|r| r["first_delta_ns"].as_u64()).filter(|t| *t > 0).min().unwrap_or(0);
-    let last = results.iter().filter_map(|r| r["last_delta_ns"].as_u64()).max().unwrap_or(0);
-    let span_s = if last > first { (last - first) as f64 / 1e9 } else { 0.0 };
-    let per_s = |n: u64| if span_s > 0.0 { (n as f64 / span_s).round() } else { 0.0 };
+    let first = results
+        .iter()
+        .filter_map(|r| r["first_delta_ns"].as_u64())
+        .filter(|t| *t > 0)
+        .min()
+        .unwrap_or(0);
+    let last = results
+        .iter()
+        .filter_map(|r| r["last_delta_ns"].as_u64())
+        .max()
+        .unwrap_or(0);
+    let span_s = if last > first {
+        (last - first) as f64 / 1e9
+    } else {
+        0.0
+    };
+    let per_s = |n: u64| {
+        if span_s > 0.0 {
+            (n as f64 / span_s).round()
+        } else {
+            0.0
+        }
+    };
     let completed = sum(&results, "completed");
     let matches = sum(&results, "text_matches");
     let expected_completions = connected * answers as u64;
-    let first_error = results.iter().find_map(|v| v["first_error"].as_str().map(|s| json!(s))).unwrap_or(Value::Null);
-    let first_mismatch = results.iter().find_map(|v| v["first_mismatch"].as_str().map(|s| json!(s))).unwrap_or(Value::Null);
-    let all_ok = completed == expected_completions && matches == completed && partial == 0 && sum(&results, "gaps") == 0;
+    let first_error = results
+        .iter()
+        .find_map(|v| v["first_error"].as_str().map(|s| json!(s)))
+        .unwrap_or(Value::Null);
+    let first_mismatch = results
+        .iter()
+        .find_map(|v| v["first_mismatch"].as_str().map(|s| json!(s)))
+        .unwrap_or(Value::Null);
+    let all_ok = completed == expected_completions
+        && matches == completed
+        && partial == 0
+        && sum(&results, "gaps") == 0;
     if deltas == 0 || completed == 0 {
         bail!(
             "no answer arrived ({deltas} deltas, {completed} ai.completed): is cochat started with AI_BASE_URL pointing at `cochat-bench fake-llm`? first error: {first_error}"
@@ -394,11 +492,20 @@ pub async fn run(args: &Args) -> Result<Value> {
 
 /// User + system CPU time of a process so far, in seconds (0 when it cannot be read).
 fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
     // After the `(comm)` field: state is field 3, utime 14, stime 15 (clock ticks, 100 per second).
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0.0 };
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(11) + ticks(12)) / 100.0
 }
 

@@ -37,9 +37,14 @@ pub async fn serve(listen: &str, tokens: usize, rate: f64) -> Result<()> {
     if rate.is_nan() || rate <= 0.0 {
         bail!("--rate must be > 0");
     }
-    let listener = TcpListener::bind(listen).await.map_err(|e| anyhow!("bind {listen}: {e}"))?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow!("bind {listen}: {e}"))?;
     let counters = Arc::new(Counters::default());
-    println!("fake-llm listening on {} ({tokens} tokens per answer at {rate} tokens/s)", listener.local_addr()?);
+    println!(
+        "fake-llm listening on {} ({tokens} tokens per answer at {rate} tokens/s)",
+        listener.local_addr()?
+    );
     {
         let counters = counters.clone();
         tokio::spawn(async move {
@@ -81,23 +86,42 @@ fn parse_head(head: &str) -> Result<Head> {
     let mut lines = head.split("\r\n");
     let request_line = lines.next().unwrap_or("");
     let mut parts = request_line.split_whitespace();
-    let method = parts.next().ok_or_else(|| anyhow!("empty request line"))?.to_owned();
-    let path = parts.next().ok_or_else(|| anyhow!("no path in {request_line:?}"))?.to_owned();
+    let method = parts
+        .next()
+        .ok_or_else(|| anyhow!("empty request line"))?
+        .to_owned();
+    let path = parts
+        .next()
+        .ok_or_else(|| anyhow!("no path in {request_line:?}"))?
+        .to_owned();
     let mut content_length = 0;
     for line in lines {
         if let Some((name, value)) = line.split_once(':') {
             let name = name.trim().to_ascii_lowercase();
             if name == "content-length" {
-                content_length = value.trim().parse().map_err(|_| anyhow!("bad content-length {value:?}"))?;
-            } else if name == "transfer-encoding" && value.to_ascii_lowercase().contains("chunked") {
+                content_length = value
+                    .trim()
+                    .parse()
+                    .map_err(|_| anyhow!("bad content-length {value:?}"))?;
+            } else if name == "transfer-encoding" && value.to_ascii_lowercase().contains("chunked")
+            {
                 bail!("chunked request bodies are not supported by the fake");
             }
         }
     }
-    Ok(Head { method, path, content_length })
+    Ok(Head {
+        method,
+        path,
+        content_length,
+    })
 }
 
-async fn connection(mut stream: TcpStream, tokens: usize, rate: f64, counters: &Counters) -> Result<()> {
+async fn connection(
+    mut stream: TcpStream,
+    tokens: usize,
+    rate: f64,
+    counters: &Counters,
+) -> Result<()> {
     let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
     loop {
         // The head, up to the blank line.
@@ -119,7 +143,8 @@ async fn connection(mut stream: TcpStream, tokens: usize, rate: f64, counters: &
         // The body, by content-length (the prompt: read and ignored).
         let body_start = head_end + 4;
         while buf.len() < body_start + head.content_length {
-            let mut chunk = vec![0u8; (body_start + head.content_length - buf.len()).min(64 * 1024)];
+            let mut chunk =
+                vec![0u8; (body_start + head.content_length - buf.len()).min(64 * 1024)];
             let n = stream.read(&mut chunk).await?;
             if n == 0 {
                 bail!("client closed mid-request");
@@ -184,7 +209,8 @@ async fn answer(stream: &mut TcpStream, tokens: usize, rate: f64) -> std::io::Re
 
 /// The send times (unix microseconds) of the tokens in a delta's text: every `t<digits>` word.
 pub fn token_times(text: &str) -> impl Iterator<Item = u64> + '_ {
-    text.split_whitespace().filter_map(|word| word.strip_prefix('t')?.parse().ok())
+    text.split_whitespace()
+        .filter_map(|word| word.strip_prefix('t')?.parse().ok())
 }
 
 #[cfg(test)]
@@ -200,7 +226,11 @@ mod tests {
 
     #[test]
     fn heads_parse() {
-        let h = parse_head("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 12").expect("a valid head");
-        assert_eq!((h.method.as_str(), h.path.as_str(), h.content_length), ("POST", "/v1/chat/completions", 12));
+        let h = parse_head("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 12")
+            .expect("a valid head");
+        assert_eq!(
+            (h.method.as_str(), h.path.as_str(), h.content_length),
+            ("POST", "/v1/chat/completions", 12)
+        );
     }
 }

@@ -57,7 +57,9 @@ fn main() -> Result<()> {
             let index: usize = argv.get(3).ok_or_else(|| anyhow!("index"))?.parse()?;
             let count: usize = argv.get(4).ok_or_else(|| anyhow!("count"))?.parse()?;
             let plan: Plan = serde_json::from_slice(&std::fs::read(plan_path)?)?;
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             if plan.ai_answers > 0 {
                 return runtime.block_on(ai::worker(Arc::new(plan), index, count));
             }
@@ -68,7 +70,9 @@ fn main() -> Result<()> {
             let listen = args.str("listen", "127.0.0.1:0");
             let tokens: usize = args.num("tokens", 100)?;
             let rate: f64 = args.num("rate", 50.0)?;
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             runtime.block_on(fakellm::serve(&listen, tokens, rate))
         }
         "free-port" => {
@@ -78,7 +82,10 @@ fn main() -> Result<()> {
         }
         "idle" | "fanout" | "durable" | "reconnect" | "ai" => {
             let args = Args::parse(&argv[2..])?;
-            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
             let report = runtime.block_on(async {
                 match command {
                     "idle" => idle(&args).await,
@@ -118,8 +125,12 @@ impl Args {
         let mut map = HashMap::new();
         let mut i = 0;
         while i < argv.len() {
-            let key = argv[i].strip_prefix("--").ok_or_else(|| anyhow!("unexpected argument {}\n{USAGE}", argv[i]))?;
-            let value = argv.get(i + 1).ok_or_else(|| anyhow!("--{key} needs a value"))?;
+            let key = argv[i]
+                .strip_prefix("--")
+                .ok_or_else(|| anyhow!("unexpected argument {}\n{USAGE}", argv[i]))?;
+            let value = argv
+                .get(i + 1)
+                .ok_or_else(|| anyhow!("--{key} needs a value"))?;
             map.insert(key.to_owned(), value.clone());
             i += 2;
         }
@@ -138,10 +149,20 @@ impl Args {
         }
     }
     fn list(&self, key: &str) -> Vec<String> {
-        self.opt(key).map(|v| v.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect()).unwrap_or_default()
+        self.opt(key)
+            .map(|v| {
+                v.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
     }
     fn pids(&self) -> Vec<u32> {
-        self.list("server-pid").iter().filter_map(|p| p.parse().ok()).collect()
+        self.list("server-pid")
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect()
     }
     fn target(&self) -> Result<Target> {
         Target::parse(&self.str("target", "cochat"))
@@ -157,9 +178,20 @@ impl Args {
 
 fn with_machine(mut report: Value, args: &Args, scenario: &str) -> Value {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).unwrap_or("?").trim().to_owned();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("?")
+        .trim()
+        .to_owned();
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let mem_kb: u64 = meminfo.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let mem_kb: u64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     report["scenario"] = json!(args.str("name", scenario));
     report["label"] = json!(args.str("label", ""));
     report["finished_unix_s"] = json!(now_nanos() / 1_000_000_000);
@@ -213,7 +245,12 @@ impl Plan {
 
 /// The source address of a worker's `local`-th connection: 127.<local/25000>.<index/250>.<2+index%250>.
 fn source_ip(worker: usize, local: usize) -> Ipv4Addr {
-    Ipv4Addr::new(127, (local / 25_000) as u8, (worker / 250) as u8, (2 + worker % 250) as u8)
+    Ipv4Addr::new(
+        127,
+        (local / 25_000) as u8,
+        (worker / 250) as u8,
+        (2 + worker % 250) as u8,
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -257,7 +294,13 @@ async fn connect(plan: &Plan, spec: &ConnSpec, src: Ipv4Addr, join: bool) -> Res
 
 /// Opens `specs` (global index, spec) with bounded concurrency; returns the sockets, the
 /// handshake histogram, the errors and the wall time.
-async fn connect_all(plan: &Arc<Plan>, index: usize, specs: Vec<(usize, ConnSpec)>, join: bool, offset: usize) -> (Vec<(ConnSpec, Ws)>, Hist, u64, Option<String>, f64) {
+async fn connect_all(
+    plan: &Arc<Plan>,
+    index: usize,
+    specs: Vec<(usize, ConnSpec)>,
+    join: bool,
+    offset: usize,
+) -> (Vec<(ConnSpec, Ws)>, Hist, u64, Option<String>, f64) {
     let start = Instant::now();
     let results: Vec<_> = stream::iter(specs.into_iter().enumerate())
         .map(|(local, (_global, spec))| {
@@ -293,17 +336,25 @@ async fn connect_all(plan: &Arc<Plan>, index: usize, specs: Vec<(usize, ConnSpec
 
 async fn worker(plan: Arc<Plan>, index: usize, count: usize) -> Result<()> {
     let stats: Shared = Arc::new(Mutex::new(Stats::default()));
-    let mine = |list: &[ConnSpec]| -> Vec<(usize, ConnSpec)> { list.iter().copied().enumerate().filter(|(i, _)| i % count == index).collect() };
+    let mine = |list: &[ConnSpec]| -> Vec<(usize, ConnSpec)> {
+        list.iter()
+            .copied()
+            .enumerate()
+            .filter(|(i, _)| i % count == index)
+            .collect()
+    };
     let receivers = mine(&plan.receivers);
     let senders = mine(&plan.senders);
     let n_receivers = receivers.len();
 
-    let (sockets, handshake, errors, first_error, wall) = connect_all(&plan, index, receivers, true, 0).await;
+    let (sockets, handshake, errors, first_error, wall) =
+        connect_all(&plan, index, receivers, true, 0).await;
     let connected = sockets.len();
     for (spec, ws) in sockets {
         tokio::spawn(receive(ws, plan.target, spec.node, stats.clone()));
     }
-    let (sender_sockets, _, sender_errors, sender_error, _) = connect_all(&plan, index, senders.clone(), false, n_receivers).await;
+    let (sender_sockets, _, sender_errors, sender_error, _) =
+        connect_all(&plan, index, senders.clone(), false, n_receivers).await;
     let ready = json!({
         "receivers": connected, "receiver_errors": errors, "connect_wall_s": wall,
         "handshake": handshake.to_pairs(), "first_error": first_error.or(sender_error),
@@ -322,7 +373,14 @@ async fn worker(plan: Arc<Plan>, index: usize, count: usize) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs_f64(plan.duration_s);
     let sender_ids: Vec<usize> = senders.iter().map(|(i, _)| *i).collect();
     for ((spec, ws), global) in sender_sockets.into_iter().zip(sender_ids) {
-        tokio::spawn(send_loop(ws, plan.clone(), spec, global, stats.clone(), deadline));
+        tokio::spawn(send_loop(
+            ws,
+            plan.clone(),
+            spec,
+            global,
+            stats.clone(),
+            deadline,
+        ));
     }
     tokio::time::sleep_until(deadline.into()).await;
     tokio::time::sleep(Duration::from_secs_f64(plan.drain_s)).await;
@@ -360,7 +418,9 @@ async fn receive(mut ws: Ws, target: Target, node: usize, stats: Shared) {
                 }
             }
             Ok(Message::Close(frame)) => {
-                reason = frame.map(|f| format!("{} {}", u16::from(f.code), f.reason)).unwrap_or_else(|| "close".to_owned());
+                reason = frame
+                    .map(|f| format!("{} {}", u16::from(f.code), f.reason))
+                    .unwrap_or_else(|| "close".to_owned());
                 break;
             }
             Ok(_) => {}
@@ -375,7 +435,14 @@ async fn receive(mut ws: Ws, target: Target, node: usize, stats: Shared) {
     *s.close_reasons.entry(reason).or_default() += 1;
 }
 
-async fn send_loop(ws: Ws, plan: Arc<Plan>, spec: ConnSpec, global: usize, stats: Shared, deadline: Instant) {
+async fn send_loop(
+    ws: Ws,
+    plan: Arc<Plan>,
+    spec: ConnSpec,
+    global: usize,
+    stats: Shared,
+    deadline: Instant,
+) {
     let target = plan.target;
     let (mut sink, mut stream) = ws.split();
     let pending: Arc<Mutex<HashMap<u64, u64>>> = Arc::new(Mutex::new(HashMap::new()));
@@ -389,11 +456,15 @@ async fn send_loop(ws: Ws, plan: Arc<Plan>, spec: ConnSpec, global: usize, stats
                 let Message::Text(text) = frame else { continue };
                 let text = text.as_str();
                 if let Some(id) = net::parse_ack(target, text) {
-                    let sent = pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                    let sent = pending
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&id);
                     if let Some(sent) = sent {
                         let mut s = lock(&stats);
                         s.acks += 1;
-                        s.ack_latency.record_us(now_nanos().saturating_sub(sent) / 1000);
+                        s.ack_latency
+                            .record_us(now_nanos().saturating_sub(sent) / 1000);
                     }
                     let _ = ack_tx.send(());
                 } else if target == Target::Socketio && text == "2" {
@@ -414,10 +485,15 @@ async fn send_loop(ws: Ws, plan: Arc<Plan>, spec: ConnSpec, global: usize, stats
     let send_one = |n: u64| {
         let text = net::payload(plan.text_bytes, spec.node);
         let frame = match target {
-            Target::Cochat => format!(r#"{{"type":"send","id":{n},"room":"{room}","client_msg_id":"s{global}-{n}","text":"{text}"}}"#),
+            Target::Cochat => format!(
+                r#"{{"type":"send","id":{n},"room":"{room}","client_msg_id":"s{global}-{n}","text":"{text}"}}"#
+            ),
             Target::Socketio => format!(r#"42{n}["send",{{"room":"{room}","text":"{text}"}}]"#),
         };
-        pending.lock().unwrap_or_else(|e| e.into_inner()).insert(n, now_nanos());
+        pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(n, now_nanos());
         Message::text(frame)
     };
     let start = Instant::now();
@@ -461,7 +537,8 @@ async fn send_loop(ws: Ws, plan: Arc<Plan>, spec: ConnSpec, global: usize, stats
         let mut s = lock(&stats);
         s.sends += n;
         if failed {
-            s.first_error.get_or_insert_with(|| "a sender's socket failed".to_owned());
+            s.first_error
+                .get_or_insert_with(|| "a sender's socket failed".to_owned());
         }
     }
     // Keep answering pings during the drain.
@@ -491,7 +568,11 @@ impl Drop for TempFile {
 
 impl Workers {
     async fn spawn(plan: &Plan, count: usize) -> Result<Workers> {
-        let path = std::env::temp_dir().join(format!("cochat-bench-plan-{}-{}.json", std::process::id(), now_nanos()));
+        let path = std::env::temp_dir().join(format!(
+            "cochat-bench-plan-{}-{}.json",
+            std::process::id(),
+            now_nanos()
+        ));
         std::fs::write(&path, serde_json::to_vec(plan)?)?;
         let exe = std::env::current_exe()?;
         let mut children = Vec::new();
@@ -510,10 +591,23 @@ impl Workers {
                 .spawn()
                 .context("spawning a worker process")?;
             stdins.push(child.stdin.take().ok_or_else(|| anyhow!("worker stdin"))?);
-            lines.push(BufReader::new(child.stdout.take().ok_or_else(|| anyhow!("worker stdout"))?).lines());
+            lines.push(
+                BufReader::new(
+                    child
+                        .stdout
+                        .take()
+                        .ok_or_else(|| anyhow!("worker stdout"))?,
+                )
+                .lines(),
+            );
             children.push(child);
         }
-        Ok(Workers { _children: children, stdins, lines, _plan_file: TempFile(path) })
+        Ok(Workers {
+            _children: children,
+            stdins,
+            lines,
+            _plan_file: TempFile(path),
+        })
     }
 
     /// The JSON after `TAG ` from every worker.
@@ -557,7 +651,10 @@ fn merged(values: &[Value], key: &str) -> Hist {
 }
 
 fn first_error(values: &[Value]) -> Value {
-    values.iter().find_map(|v| v["first_error"].as_str().map(|s| json!(s))).unwrap_or(Value::Null)
+    values
+        .iter()
+        .find_map(|v| v["first_error"].as_str().map(|s| json!(s)))
+        .unwrap_or(Value::Null)
 }
 
 fn close_reasons(values: &[Value]) -> Value {
@@ -573,12 +670,17 @@ fn close_reasons(values: &[Value]) -> Value {
 }
 
 fn rss_of(pids: &[u32]) -> Vec<u64> {
-    pids.iter().map(|p| net::rss_bytes(*p).unwrap_or(0)).collect()
+    pids.iter()
+        .map(|p| net::rss_bytes(*p).unwrap_or(0))
+        .collect()
 }
 
 fn ready_summary(ready: &[Value]) -> Value {
     let receivers = sum(ready, "receivers");
-    let wall = ready.iter().map(|v| v["connect_wall_s"].as_f64().unwrap_or(0.0)).fold(0.0, f64::max);
+    let wall = ready
+        .iter()
+        .map(|v| v["connect_wall_s"].as_f64().unwrap_or(0.0))
+        .fold(0.0, f64::max);
     json!({
         "connected": receivers,
         "connect_errors": sum(ready, "receiver_errors") + sum(ready, "sender_errors"),
@@ -610,9 +712,15 @@ async fn cochat_setup(node: &str, users: usize, rooms: usize, join_all: bool) ->
         .map(|i| {
             let prefix = prefix.clone();
             async move {
-                let body = json!({"username": format!("{prefix}_{i}"), "password": "bench-password-1"});
-                let (status, v) = net::http_json(node, "POST", "/api/v1/auth/register", None, Some(&body)).await?;
-                v["token"].as_str().map(str::to_owned).ok_or_else(|| anyhow!("register answered {status}: {v}"))
+                let body =
+                    json!({"username": format!("{prefix}_{i}"), "password": "bench-password-1"});
+                let (status, v) =
+                    net::http_json(node, "POST", "/api/v1/auth/register", None, Some(&body))
+                        .await?;
+                v["token"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| anyhow!("register answered {status}: {v}"))
             }
         })
         .buffer_unordered(8)
@@ -624,8 +732,13 @@ async fn cochat_setup(node: &str, users: usize, rooms: usize, join_all: bool) ->
             let token = tokens[r % users].clone();
             async move {
                 let body = json!({"name": format!("bench-{r}")});
-                let (status, v) = net::http_json(node, "POST", "/api/v1/rooms", Some(&token), Some(&body)).await?;
-                v["room"]["id"].as_str().map(str::to_owned).ok_or_else(|| anyhow!("create room answered {status}: {v}"))
+                let (status, v) =
+                    net::http_json(node, "POST", "/api/v1/rooms", Some(&token), Some(&body))
+                        .await?;
+                v["room"]["id"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| anyhow!("create room answered {status}: {v}"))
             }
         })
         .buffered(16)
@@ -638,21 +751,44 @@ async fn cochat_setup(node: &str, users: usize, rooms: usize, join_all: bool) ->
                 let token = tokens[r % users].clone();
                 let room = room_ids[r].clone();
                 async move {
-                    let (status, v) = net::http_json(node, "POST", &format!("/api/v1/rooms/{room}/invites"), Some(&token), Some(&json!({}))).await?;
-                    v["code"].as_str().map(str::to_owned).ok_or_else(|| anyhow!("invite answered {status}: {v}"))
+                    let (status, v) = net::http_json(
+                        node,
+                        "POST",
+                        &format!("/api/v1/rooms/{room}/invites"),
+                        Some(&token),
+                        Some(&json!({})),
+                    )
+                    .await?;
+                    v["code"]
+                        .as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| anyhow!("invite answered {status}: {v}"))
                 }
             })
             .buffered(16)
             .collect()
             .await;
         let codes: Vec<String> = codes.into_iter().collect::<Result<_>>()?;
-        let joins: Vec<(usize, usize)> = (0..rooms).flat_map(|r| (0..users).filter(move |u| *u != r % users).map(move |u| (r, u))).collect();
+        let joins: Vec<(usize, usize)> = (0..rooms)
+            .flat_map(|r| {
+                (0..users)
+                    .filter(move |u| *u != r % users)
+                    .map(move |u| (r, u))
+            })
+            .collect();
         let results: Vec<Result<()>> = stream::iter(joins)
             .map(|(r, u)| {
                 let token = tokens[u].clone();
                 let code = codes[r].clone();
                 async move {
-                    let (status, v) = net::http_json(node, "POST", &format!("/api/v1/invites/{code}/accept"), Some(&token), None).await?;
+                    let (status, v) = net::http_json(
+                        node,
+                        "POST",
+                        &format!("/api/v1/invites/{code}/accept"),
+                        Some(&token),
+                        None,
+                    )
+                    .await?;
                     if status >= 300 {
                         bail!("accept answered {status}: {v}");
                     }
@@ -664,7 +800,11 @@ async fn cochat_setup(node: &str, users: usize, rooms: usize, join_all: bool) ->
             .await;
         results.into_iter().collect::<Result<Vec<()>>>()?;
     }
-    Ok(Setup { tokens, rooms: room_ids, took_s: round3(start.elapsed().as_secs_f64()) })
+    Ok(Setup {
+        tokens,
+        rooms: room_ids,
+        took_s: round3(start.elapsed().as_secs_f64()),
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -684,9 +824,19 @@ async fn idle(args: &Args) -> Result<Value> {
             let s = cochat_setup(&nodes[0], users, users, false).await?;
             (s.tokens, s.rooms, s.took_s)
         }
-        Target::Socketio => (Vec::new(), (0..users).map(|r| format!("room-{r}")).collect(), 0.0),
+        Target::Socketio => (
+            Vec::new(),
+            (0..users).map(|r| format!("room-{r}")).collect(),
+            0.0,
+        ),
     };
-    let receivers = (0..conns).map(|i| ConnSpec { node: i % nodes.len(), user: i % users, room: i % users }).collect();
+    let receivers = (0..conns)
+        .map(|i| ConnSpec {
+            node: i % nodes.len(),
+            user: i % users,
+            room: i % users,
+        })
+        .collect();
     let plan = Plan {
         target,
         nodes,
@@ -709,13 +859,19 @@ async fn idle(args: &Args) -> Result<Value> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_after = rss_of(&pids);
     w.go().await?;
-    let results = w.collect("RESULT", Duration::from_secs_f64(hold + 60.0)).await?;
+    let results = w
+        .collect("RESULT", Duration::from_secs_f64(hold + 60.0))
+        .await?;
     let rss_end = rss_of(&pids);
     let summary = ready_summary(&ready);
     let connected = sum(&ready, "receivers");
     let before: u64 = rss_before.iter().sum();
     let after: u64 = rss_after.iter().sum();
-    let per_conn = if connected > 0 && after > before { (after - before) as f64 / connected as f64 } else { 0.0 };
+    let per_conn = if connected > 0 && after > before {
+        (after - before) as f64 / connected as f64
+    } else {
+        0.0
+    };
     Ok(json!({
         "target": target,
         "params": {"conns": conns, "workers": workers, "users": users, "rooms": users, "hold_s": hold, "nodes": plan.nodes.len()},
@@ -748,11 +904,27 @@ async fn fanout(args: &Args) -> Result<Value> {
             let s = cochat_setup(&nodes[0], users, rooms, true).await?;
             (s.tokens, s.rooms, s.took_s)
         }
-        Target::Socketio => (Vec::new(), (0..rooms).map(|r| format!("room-{r}")).collect(), 0.0),
+        Target::Socketio => (
+            Vec::new(),
+            (0..rooms).map(|r| format!("room-{r}")).collect(),
+            0.0,
+        ),
     };
     // Receivers of room r: members j = 0..M, user j % U, node spread round-robin over all.
-    let receivers: Vec<ConnSpec> = (0..rooms * members).map(|i| ConnSpec { node: i % nodes.len(), user: (i / rooms) % users, room: i % rooms }).collect();
-    let sender_specs: Vec<ConnSpec> = (0..senders).map(|s| ConnSpec { node: s % nodes.len(), user: s % users, room: s % rooms }).collect();
+    let receivers: Vec<ConnSpec> = (0..rooms * members)
+        .map(|i| ConnSpec {
+            node: i % nodes.len(),
+            user: (i / rooms) % users,
+            room: i % rooms,
+        })
+        .collect();
+    let sender_specs: Vec<ConnSpec> = (0..senders)
+        .map(|s| ConnSpec {
+            node: s % nodes.len(),
+            user: s % users,
+            room: s % rooms,
+        })
+        .collect();
     let plan = Plan {
         target,
         nodes,
@@ -773,7 +945,12 @@ async fn fanout(args: &Args) -> Result<Value> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_ready = rss_of(&pids);
     w.go().await?;
-    let results = w.collect("RESULT", Duration::from_secs_f64(duration + plan.drain_s + 60.0)).await?;
+    let results = w
+        .collect(
+            "RESULT",
+            Duration::from_secs_f64(duration + plan.drain_s + 60.0),
+        )
+        .await?;
     let acks = sum(&results, "acks");
     let deliveries = sum(&results, "deliveries");
     let cross = sum(&results, "cross_node");
@@ -816,7 +993,13 @@ async fn durable(args: &Args) -> Result<Value> {
     let workers: usize = args.num("workers", 1)?;
     let users: usize = args.num("users", conns.min(16))?.max(1);
     let setup = cochat_setup(&nodes[0], users, rooms, true).await?;
-    let senders: Vec<ConnSpec> = (0..conns).map(|c| ConnSpec { node: c % nodes.len(), user: c % users, room: c % rooms }).collect();
+    let senders: Vec<ConnSpec> = (0..conns)
+        .map(|c| ConnSpec {
+            node: c % nodes.len(),
+            user: c % users,
+            room: c % rooms,
+        })
+        .collect();
     let plan = Plan {
         target: Target::Cochat,
         nodes,
@@ -835,7 +1018,9 @@ async fn durable(args: &Args) -> Result<Value> {
     let mut w = Workers::spawn(&plan, workers).await?;
     let ready = w.collect("READY", Duration::from_secs(300)).await?;
     w.go().await?;
-    let results = w.collect("RESULT", Duration::from_secs_f64(duration + 60.0)).await?;
+    let results = w
+        .collect("RESULT", Duration::from_secs_f64(duration + 60.0))
+        .await?;
     let acks = sum(&results, "acks");
     Ok(json!({
         "target": "cochat",
@@ -870,7 +1055,10 @@ async fn reconnect(args: &Args) -> Result<Value> {
     if nodes.len() < 2 {
         bail!("reconnect needs at least two --nodes (the first is the victim)");
     }
-    let victim_pid: u32 = args.opt("victim-pid").ok_or_else(|| anyhow!("--victim-pid is required"))?.parse()?;
+    let victim_pid: u32 = args
+        .opt("victim-pid")
+        .ok_or_else(|| anyhow!("--victim-pid is required"))?
+        .parse()?;
     let signal = args.str("signal", "KILL");
     let conns: usize = args.num("conns", 1000)?;
     let rooms: usize = args.num("rooms", 10)?.max(1);
@@ -882,13 +1070,28 @@ async fn reconnect(args: &Args) -> Result<Value> {
     let room_ids = Arc::new(setup.rooms);
     let nodes = Arc::new(nodes);
     let survivors = nodes.len() - 1;
-    let clients: Arc<Mutex<Vec<Client>>> = Arc::new(Mutex::new((0..conns).map(|_| Client { reconnected_at: None, caught_up_at: None, attempts: 0 }).collect()));
+    let clients: Arc<Mutex<Vec<Client>>> = Arc::new(Mutex::new(
+        (0..conns)
+            .map(|_| Client {
+                reconnected_at: None,
+                caught_up_at: None,
+                attempts: 0,
+            })
+            .collect(),
+    ));
     // The marker seq per room, published once the writer's post-kill message is acked.
     let (marker_tx, marker_rx) = tokio::sync::watch::channel::<Option<(Instant, Vec<i64>)>>(None);
     let (up_tx, mut up_rx) = mpsc::unbounded_channel::<Result<()>>();
 
     for c in 0..conns {
-        let (tokens, room_ids, nodes, clients, mut marker_rx, up_tx) = (tokens.clone(), room_ids.clone(), nodes.clone(), clients.clone(), marker_rx.clone(), up_tx.clone());
+        let (tokens, room_ids, nodes, clients, mut marker_rx, up_tx) = (
+            tokens.clone(),
+            room_ids.clone(),
+            nodes.clone(),
+            clients.clone(),
+            marker_rx.clone(),
+            up_tx.clone(),
+        );
         tokio::spawn(async move {
             let room_index = c % room_ids.len();
             let room = room_ids[room_index].clone();
@@ -932,10 +1135,15 @@ async fn reconnect(args: &Args) -> Result<Value> {
                     all[c].reconnected_at.get_or_insert_with(Instant::now);
                 }
                 loop {
-                    let marker = marker_rx.borrow().as_ref().map(|(_, seqs)| seqs[room_index]);
+                    let marker = marker_rx
+                        .borrow()
+                        .as_ref()
+                        .map(|(_, seqs)| seqs[room_index]);
                     if let (Some(m), Some(seen)) = (marker, last_seq) {
                         if seen >= m && node != 0 {
-                            lock_clients(&clients)[c].caught_up_at.get_or_insert_with(Instant::now);
+                            lock_clients(&clients)[c]
+                                .caught_up_at
+                                .get_or_insert_with(Instant::now);
                             // Stay connected (a real client would), but the measurement is done.
                             while ws.next().await.is_some() {}
                             return;
@@ -979,10 +1187,17 @@ async fn reconnect(args: &Args) -> Result<Value> {
     let mut last_acked: Vec<i64> = vec![0; room_ids.len()];
     async fn write(ws: &mut Ws, id: &mut u64, room: &str) -> Result<i64> {
         *id += 1;
-        let frame = format!(r#"{{"type":"send","id":{},"room":"{room}","client_msg_id":"w-{}","text":"{}"}}"#, *id, *id, net::payload(100, 1));
+        let frame = format!(
+            r#"{{"type":"send","id":{},"room":"{room}","client_msg_id":"w-{}","text":"{}"}}"#,
+            *id,
+            *id,
+            net::payload(100, 1)
+        );
         ws.send(Message::text(frame)).await?;
         loop {
-            let Some(frame) = ws.next().await else { bail!("writer socket closed") };
+            let Some(frame) = ws.next().await else {
+                bail!("writer socket closed")
+            };
             if let Message::Text(text) = frame? {
                 if net::parse_ack(Target::Cochat, text.as_str()) == Some(*id) {
                     let v: Value = serde_json::from_str(text.as_str())?;
@@ -1002,7 +1217,10 @@ async fn reconnect(args: &Args) -> Result<Value> {
         tokio::time::sleep(period).await;
     }
     let t0 = Instant::now();
-    let status = std::process::Command::new("kill").arg(format!("-{signal}")).arg(victim_pid.to_string()).status()?;
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(victim_pid.to_string())
+        .status()?;
     if !status.success() {
         bail!("kill -{signal} {victim_pid} failed");
     }
@@ -1015,7 +1233,10 @@ async fn reconnect(args: &Args) -> Result<Value> {
     // Keep writing while clients come back, so they catch up under traffic.
     let deadline = t0 + Duration::from_secs_f64(timeout);
     loop {
-        let done = lock_clients(&clients).iter().filter(|c| c.caught_up_at.is_some()).count();
+        let done = lock_clients(&clients)
+            .iter()
+            .filter(|c| c.caught_up_at.is_some())
+            .count();
         if done == conns || Instant::now() >= deadline {
             break;
         }

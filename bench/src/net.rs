@@ -34,20 +34,36 @@ impl Target {
 
 /// Nanoseconds since the Unix epoch (CLOCK_REALTIME: the same clock in every process here).
 pub fn now_nanos() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 /// `127.0.0.1:8080` from `http://127.0.0.1:8080` or `ws://127.0.0.1:8080/path`.
 pub fn host_port(url: &str) -> Result<String> {
-    let rest = url.split("://").nth(1).ok_or_else(|| anyhow!("no scheme in {url}"))?;
+    let rest = url
+        .split("://")
+        .nth(1)
+        .ok_or_else(|| anyhow!("no scheme in {url}"))?;
     Ok(rest.split('/').next().unwrap_or(rest).to_owned())
 }
 
 /// One HTTP/1.1 request with `Connection: close`; returns the status and the JSON body.
-pub async fn http_json(addr: &str, method: &str, path: &str, token: Option<&str>, body: Option<&Value>) -> Result<(u16, Value)> {
-    let mut stream = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+pub async fn http_json(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> Result<(u16, Value)> {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connect {addr}"))?;
     let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{auth}\r\n{body}",
         body.len()
@@ -58,17 +74,36 @@ pub async fn http_json(addr: &str, method: &str, path: &str, token: Option<&str>
         .await
         .map_err(|_| anyhow!("{method} {path}: no answer in 60 s"))??;
     let text = String::from_utf8_lossy(&raw);
-    let (head, rest) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("{method} {path}: malformed answer"))?;
-    let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| anyhow!("{method} {path}: no status"))?;
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.to_owned() };
-    let value = if body.trim().is_empty() { Value::Null } else { serde_json::from_str(&body).unwrap_or(Value::String(body)) };
+    let (head, rest) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("{method} {path}: malformed answer"))?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("{method} {path}: no status"))?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(rest)
+    } else {
+        rest.to_owned()
+    };
+    let value = if body.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&body).unwrap_or(Value::String(body))
+    };
     Ok((status, value))
 }
 
 fn dechunk(mut rest: &str) -> String {
     let mut out = String::new();
     while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(size) = usize::from_str_radix(size.trim(), 16) else { break };
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
         if size == 0 || after.len() < size {
             break;
         }
@@ -80,12 +115,21 @@ fn dechunk(mut rest: &str) -> String {
 
 /// A WebSocket to `url`, from the source address `src` (port chosen by the kernel).
 pub async fn open_ws(url: &str, src: Ipv4Addr) -> Result<Ws> {
-    let addr: SocketAddr = host_port(url)?.parse().context("ws url must be ws://IP:PORT/...")?;
+    let addr: SocketAddr = host_port(url)?
+        .parse()
+        .context("ws url must be ws://IP:PORT/...")?;
     let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(src.into(), 0)).with_context(|| format!("bind {src}"))?;
-    let stream = socket.connect(addr).await.with_context(|| format!("connect {addr} from {src}"))?;
+    socket
+        .bind(SocketAddr::new(src.into(), 0))
+        .with_context(|| format!("bind {src}"))?;
+    let stream = socket
+        .connect(addr)
+        .await
+        .with_context(|| format!("connect {addr} from {src}"))?;
     stream.set_nodelay(true)?;
-    let (ws, _response) = tokio_tungstenite::client_async(url, stream).await.with_context(|| format!("websocket handshake with {addr}"))?;
+    let (ws, _response) = tokio_tungstenite::client_async(url, stream)
+        .await
+        .with_context(|| format!("websocket handshake with {addr}"))?;
     Ok(ws)
 }
 
@@ -146,7 +190,11 @@ pub async fn socketio_handshake(ws: &mut Ws, join: Option<&str>) -> Result<()> {
         }
     }
     if let Some(room) = join {
-        ws.send(Message::text(format!("420[\"join\",{}]", serde_json::to_string(room)?))).await?;
+        ws.send(Message::text(format!(
+            "420[\"join\",{}]",
+            serde_json::to_string(room)?
+        )))
+        .await?;
         loop {
             let t = next_text(ws).await?;
             if t == "2" {
@@ -173,7 +221,11 @@ pub fn parse_payload(frame: &str) -> Option<(u64, usize)> {
     let at = frame.find("\"text\":\"t=")? + 10;
     let digits = frame.get(at..at + 19)?;
     let sent: u64 = digits.parse().ok()?;
-    let node = frame.get(at + 22..)?.bytes().take_while(u8::is_ascii_digit).fold(0usize, |n, b| n * 10 + (b - b'0') as usize);
+    let node = frame
+        .get(at + 22..)?
+        .bytes()
+        .take_while(u8::is_ascii_digit)
+        .fold(0usize, |n, b| n * 10 + (b - b'0') as usize);
     Some((sent, node))
 }
 
@@ -185,7 +237,10 @@ pub fn parse_ack(target: Target, frame: &str) -> Option<u64> {
                 return None;
             }
             let at = frame.find("\"reply_to\":")? + 11;
-            let n: String = frame[at..].chars().take_while(char::is_ascii_digit).collect();
+            let n: String = frame[at..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
             n.parse().ok()
         }
         Target::Socketio => {
@@ -229,9 +284,21 @@ mod tests {
 
     #[test]
     fn acks_parse() {
-        assert_eq!(parse_ack(Target::Cochat, r#"{"type":"ack","reply_to":42,"room":"r","seq":3}"#), Some(42));
-        assert_eq!(parse_ack(Target::Cochat, r#"{"type":"event","reply_to":42}"#), None);
-        assert_eq!(parse_ack(Target::Socketio, r#"4317[{"ok":true}]"#), Some(17));
+        assert_eq!(
+            parse_ack(
+                Target::Cochat,
+                r#"{"type":"ack","reply_to":42,"room":"r","seq":3}"#
+            ),
+            Some(42)
+        );
+        assert_eq!(
+            parse_ack(Target::Cochat, r#"{"type":"event","reply_to":42}"#),
+            None
+        );
+        assert_eq!(
+            parse_ack(Target::Socketio, r#"4317[{"ok":true}]"#),
+            Some(17)
+        );
         assert_eq!(parse_ack(Target::Socketio, r#"42["message",{}]"#), None);
     }
 

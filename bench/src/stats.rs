@@ -21,7 +21,11 @@ impl Hist {
     }
 
     pub fn to_pairs(&self) -> Value {
-        let pairs: Vec<(u64, u64)> = self.0.iter_recorded().map(|v| (v.value_iterated_to(), v.count_at_value())).collect();
+        let pairs: Vec<(u64, u64)> = self
+            .0
+            .iter_recorded()
+            .map(|v| (v.value_iterated_to(), v.count_at_value()))
+            .collect();
         json!(pairs)
     }
 

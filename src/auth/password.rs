@@ -1,7 +1,9 @@
 //! Password hashing with argon2id (the crate's defaults: 19 MiB, 2 passes). Hashing is CPU-heavy,
 //! so callers run these on the blocking pool.
 
-use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{
+    rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
+};
 use argon2::Argon2;
 
 pub fn hash_password(password: &str) -> Result<String, String> {

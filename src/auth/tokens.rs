@@ -63,7 +63,10 @@ fn now_secs() -> u64 {
 }
 
 /// The configured secret, or the one kept in `<data_dir>/jwt_secret` (created on first start).
-pub fn load_or_generate_secret(configured: Option<&str>, data_dir: &Path) -> std::io::Result<Vec<u8>> {
+pub fn load_or_generate_secret(
+    configured: Option<&str>,
+    data_dir: &Path,
+) -> std::io::Result<Vec<u8>> {
     if let Some(secret) = configured {
         return Ok(secret.as_bytes().to_vec());
     }
@@ -109,25 +112,37 @@ mod tests {
     #[test]
     fn tokens_verify_with_their_secret_only_and_expire() {
         let keys = TokenKeys::new(b"0123456789abcdef0123456789abcdef", Duration::from_secs(60));
-        let token = keys.issue(&UserId::from("u1"), "Ada").expect("issuing works");
+        let token = keys
+            .issue(&UserId::from("u1"), "Ada")
+            .expect("issuing works");
         let claims = keys.verify(&token).expect("own token verifies");
         assert_eq!((claims.sub.as_str(), claims.name.as_str()), ("u1", "Ada"));
 
         let other = TokenKeys::new(b"another secret another secret 12", Duration::from_secs(60));
         assert!(other.verify(&token).is_err());
 
-        let expired = Claims { sub: "u1".into(), name: "Ada".into(), iat: 1, exp: 2 };
-        let old = encode(&Header::new(Algorithm::HS256), &expired, &keys.encoding).expect("encodes");
+        let expired = Claims {
+            sub: "u1".into(),
+            name: "Ada".into(),
+            iat: 1,
+            exp: 2,
+        };
+        let old =
+            encode(&Header::new(Algorithm::HS256), &expired, &keys.encoding).expect("encodes");
         assert!(keys.verify(&old).is_err());
     }
 
     #[test]
     fn a_generated_secret_is_kept_and_reused() {
-        let dir = std::env::temp_dir().join(format!("cochat-secret-{}", uuid::Uuid::new_v4().simple()));
+        let dir =
+            std::env::temp_dir().join(format!("cochat-secret-{}", uuid::Uuid::new_v4().simple()));
         let first = load_or_generate_secret(None, &dir).expect("generates");
         let second = load_or_generate_secret(None, &dir).expect("reads back");
         assert_eq!(first, second);
-        assert_eq!(load_or_generate_secret(Some("given"), &dir).expect("given"), b"given".to_vec());
+        assert_eq!(
+            load_or_generate_secret(Some("given"), &dir).expect("given"),
+            b"given".to_vec()
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 }

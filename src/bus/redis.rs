@@ -92,8 +92,14 @@ impl Bus for RedisBus {
             room: room.clone(),
             payload,
         };
-        let Ok(bytes) = serde_json::to_vec(&envelope) else { return };
-        if self.outbox.try_send((channel_of(&self.prefix, room), bytes)).is_err() {
+        let Ok(bytes) = serde_json::to_vec(&envelope) else {
+            return;
+        };
+        if self
+            .outbox
+            .try_send((channel_of(&self.prefix, room), bytes))
+            .is_err()
+        {
             self.metrics.bus_dropped.inc();
         }
     }
@@ -114,7 +120,9 @@ impl Bus for RedisBus {
     async fn unsubscribe(&self, room: &RoomId) {
         let channel = channel_of(&self.prefix, room);
         let mut subscriptions = self.subscriptions.lock().await;
-        let Some(count) = subscriptions.counts.get_mut(&channel) else { return };
+        let Some(count) = subscriptions.counts.get_mut(&channel) else {
+            return;
+        };
         *count -= 1;
         if *count == 0 {
             subscriptions.counts.remove(&channel);
@@ -148,7 +156,9 @@ async fn publish_loop(
             }
         }
         if connection.is_none() {
-            match tokio::time::timeout(REDIS_TIMEOUT, client.get_multiplexed_async_connection()).await {
+            match tokio::time::timeout(REDIS_TIMEOUT, client.get_multiplexed_async_connection())
+                .await
+            {
                 Ok(Ok(fresh)) => connection = Some(fresh),
                 _ => {
                     metrics.bus_dropped.inc_by(batch.len() as u64);
@@ -158,10 +168,15 @@ async fn publish_loop(
                 }
             }
         }
-        let Some(conn) = connection.as_mut() else { continue };
+        let Some(conn) = connection.as_mut() else {
+            continue;
+        };
         let mut pipe = redis::pipe();
         for (channel, payload) in &batch {
-            pipe.cmd("PUBLISH").arg(channel).arg(payload.as_slice()).ignore();
+            pipe.cmd("PUBLISH")
+                .arg(channel)
+                .arg(payload.as_slice())
+                .ignore();
         }
         match tokio::time::timeout(REDIS_TIMEOUT, pipe.query_async::<()>(conn)).await {
             Ok(Ok(())) => metrics.bus_published.inc_by(batch.len() as u64),

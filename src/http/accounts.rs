@@ -49,7 +49,10 @@ fn throttle(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
     if state.http_limiter.allow(&format!("auth:{peer}")) {
         Ok(())
     } else {
-        Err(ApiError::new(ErrorCode::RateLimited, "too many attempts, slow down"))
+        Err(ApiError::new(
+            ErrorCode::RateLimited,
+            "too many attempts, slow down",
+        ))
     }
 }
 
@@ -71,18 +74,26 @@ pub async fn register(
         .map(|name| name.trim().to_owned())
         .filter(|name| !name.is_empty())
         .unwrap_or_else(|| username.clone());
-    if display_name.chars().count() > DISPLAY_NAME_MAX || display_name.chars().any(char::is_control) {
+    if display_name.chars().count() > DISPLAY_NAME_MAX || display_name.chars().any(char::is_control)
+    {
         return Err(ApiError::validation(format!(
             "display_name must be 1-{DISPLAY_NAME_MAX} printable characters"
         )));
     }
     let password = body.password;
-    let _permit = state.hashing.acquire().await.map_err(|_| ApiError::new(ErrorCode::Internal, "hashing is closed"))?;
+    let _permit = state
+        .hashing
+        .acquire()
+        .await
+        .map_err(|_| ApiError::new(ErrorCode::Internal, "hashing is closed"))?;
     let hash = web::block(move || hash_password(&password))
         .await
         .map_err(|_| ApiError::new(ErrorCode::Internal, "hashing was interrupted"))?
         .map_err(|error| ApiError::new(ErrorCode::Internal, error))?;
-    let user = state.store.create_user(&username, &display_name, &hash).await?;
+    let user = state
+        .store
+        .create_user(&username, &display_name, &hash)
+        .await?;
     let token = issue(&state, &user.id, &user.display_name)?;
     Ok(HttpResponse::Created().json(json!({"user": json::user(&user), "token": token})))
 }
@@ -104,7 +115,11 @@ pub async fn login(
         None => (None, dummy_hash().to_owned()),
     };
     let password = body.password;
-    let _permit = state.hashing.acquire().await.map_err(|_| ApiError::new(ErrorCode::Internal, "hashing is closed"))?;
+    let _permit = state
+        .hashing
+        .acquire()
+        .await
+        .map_err(|_| ApiError::new(ErrorCode::Internal, "hashing is closed"))?;
     let valid = web::block(move || verify_password(&password, &stored))
         .await
         .map_err(|_| ApiError::new(ErrorCode::Internal, "verification was interrupted"))?;
@@ -126,7 +141,11 @@ pub async fn me(state: web::Data<AppState>, caller: AuthUser) -> ApiResult<HttpR
     Ok(HttpResponse::Ok().json(json!({"user": json::user(&user)})))
 }
 
-fn issue(state: &AppState, user: &cochat_actors::ids::UserId, name: &str) -> Result<String, ApiError> {
+fn issue(
+    state: &AppState,
+    user: &cochat_actors::ids::UserId,
+    name: &str,
+) -> Result<String, ApiError> {
     state
         .tokens
         .issue(user, name)

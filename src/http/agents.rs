@@ -43,19 +43,38 @@ pub async fn create(
     let body = body.into_inner();
     let name = body.name.trim().to_lowercase();
     if !valid_agent_name(&name) {
-        return Err(ApiError::validation("name must be 1-32 characters of a-z, 0-9, _ and -"));
+        return Err(ApiError::validation(
+            "name must be 1-32 characters of a-z, 0-9, _ and -",
+        ));
     }
-    let model = body.model.map(|m| m.trim().to_owned()).filter(|m| !m.is_empty());
+    let model = body
+        .model
+        .map(|m| m.trim().to_owned())
+        .filter(|m| !m.is_empty());
     if model.as_ref().is_some_and(|m| m.len() > MODEL_MAX) {
-        return Err(ApiError::validation(format!("model is limited to {MODEL_MAX} bytes")));
+        return Err(ApiError::validation(format!(
+            "model is limited to {MODEL_MAX} bytes"
+        )));
     }
     let system_prompt = body.system_prompt.filter(|p| !p.trim().is_empty());
-    if system_prompt.as_ref().is_some_and(|p| p.chars().count() > SYSTEM_PROMPT_MAX) {
-        return Err(ApiError::validation(format!("system_prompt is limited to {SYSTEM_PROMPT_MAX} characters")));
+    if system_prompt
+        .as_ref()
+        .is_some_and(|p| p.chars().count() > SYSTEM_PROMPT_MAX)
+    {
+        return Err(ApiError::validation(format!(
+            "system_prompt is limited to {SYSTEM_PROMPT_MAX} characters"
+        )));
     }
     // One provider is configured per deployment; a persona may name it, not another.
-    let configured = state.settings.ai_provider.as_ref().map(|config| config.provider.clone());
-    let provider = body.provider.map(|p| p.trim().to_lowercase()).filter(|p| !p.is_empty());
+    let configured = state
+        .settings
+        .ai_provider
+        .as_ref()
+        .map(|config| config.provider.clone());
+    let provider = body
+        .provider
+        .map(|p| p.trim().to_lowercase())
+        .filter(|p| !p.is_empty());
     if let Some(wanted) = &provider {
         if configured.as_deref() != Some(wanted.as_str()) {
             return Err(ApiError::validation(format!(
@@ -64,8 +83,16 @@ pub async fn create(
             )));
         }
     }
-    let agent = AgentInfo { name, model, system_prompt, provider };
-    let command = Command::AddAgent { actor: caller.id.clone(), agent: agent.clone() };
+    let agent = AgentInfo {
+        name,
+        model,
+        system_prompt,
+        provider,
+    };
+    let command = Command::AddAgent {
+        actor: caller.id.clone(),
+        agent: agent.clone(),
+    };
     let applied = submit(&state, &room, &caller.id, command).await?;
     Ok(HttpResponse::Created().json(json!({"agent": agent, "seq": applied.seq})))
 }
@@ -73,14 +100,21 @@ pub async fn create(
 /// The room's personas, the default `ai` first unless a stored one replaces it.
 pub async fn list_for(state: &AppState, room: &RoomId) -> Result<Vec<AgentInfo>, ApiError> {
     let mut agents = state.store.agents(room).await?;
-    if !agents.iter().any(|agent| agent.name == AgentInfo::DEFAULT_NAME) {
+    if !agents
+        .iter()
+        .any(|agent| agent.name == AgentInfo::DEFAULT_NAME)
+    {
         agents.insert(0, AgentInfo::default_agent());
     }
     Ok(agents)
 }
 
 /// `GET /api/v1/rooms/{room}/usage` (members): tokens used today (UTC), per user, and limits.
-pub async fn usage(state: web::Data<AppState>, caller: AuthUser, path: web::Path<RoomId>) -> ApiResult<HttpResponse> {
+pub async fn usage(
+    state: web::Data<AppState>,
+    caller: AuthUser,
+    path: web::Path<RoomId>,
+) -> ApiResult<HttpResponse> {
     let room = path.into_inner();
     require_member(&state, &room, &caller.id).await?;
     let now = Utc::now();

@@ -88,12 +88,18 @@ pub async fn post(
 ) -> ApiResult<HttpResponse> {
     let room = path.into_inner();
     if !state.http_limiter.allow(&format!("post:{}", caller.id)) {
-        return Err(ApiError::new(ErrorCode::RateLimited, "too many messages, slow down"));
+        return Err(ApiError::new(
+            ErrorCode::RateLimited,
+            "too many messages, slow down",
+        ));
     }
     let body = body.into_inner();
     let max = state.settings.limits.max_text_bytes;
     if body.text.len() > max {
-        return Err(ApiError::new(ErrorCode::TextTooLarge, format!("texts are limited to {max} bytes")));
+        return Err(ApiError::new(
+            ErrorCode::TextTooLarge,
+            format!("texts are limited to {max} bytes"),
+        ));
     }
     if body.text.trim().is_empty() {
         return Err(ApiError::validation("text is empty"));

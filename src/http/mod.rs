@@ -39,10 +39,22 @@ pub fn routes(cfg: &mut web::ServiceConfig, body_limit: usize) {
             .route("/rooms", web::post().to(rooms::create))
             .route("/rooms", web::get().to(rooms::list))
             .route("/rooms/{room}", web::get().to(rooms::detail))
-            .route("/rooms/{room}/invites", web::post().to(rooms::create_invite))
-            .route("/invites/{code}/accept", web::post().to(rooms::accept_invite))
-            .route("/rooms/{room}/members/{user}", web::patch().to(rooms::change_role))
-            .route("/rooms/{room}/members/{user}", web::delete().to(rooms::remove_member))
+            .route(
+                "/rooms/{room}/invites",
+                web::post().to(rooms::create_invite),
+            )
+            .route(
+                "/invites/{code}/accept",
+                web::post().to(rooms::accept_invite),
+            )
+            .route(
+                "/rooms/{room}/members/{user}",
+                web::patch().to(rooms::change_role),
+            )
+            .route(
+                "/rooms/{room}/members/{user}",
+                web::delete().to(rooms::remove_member),
+            )
             .route("/rooms/{room}/messages", web::get().to(messages::history))
             .route("/rooms/{room}/messages", web::post().to(messages::post))
             .route("/rooms/{room}/events", web::get().to(messages::events))
@@ -55,12 +67,15 @@ pub fn routes(cfg: &mut web::ServiceConfig, body_limit: usize) {
 
 fn json_error(error: JsonPayloadError, _req: &HttpRequest) -> actix_web::Error {
     let api = match &error {
-        JsonPayloadError::Overflow { limit } | JsonPayloadError::OverflowKnownLength { limit, .. } => {
-            ApiError::new(ErrorCode::PayloadTooLarge, format!("body is limited to {limit} bytes"))
-        }
-        JsonPayloadError::ContentType => {
-            ApiError::new(ErrorCode::BadJson, "expected Content-Type: application/json")
-        }
+        JsonPayloadError::Overflow { limit }
+        | JsonPayloadError::OverflowKnownLength { limit, .. } => ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("body is limited to {limit} bytes"),
+        ),
+        JsonPayloadError::ContentType => ApiError::new(
+            ErrorCode::BadJson,
+            "expected Content-Type: application/json",
+        ),
         JsonPayloadError::Deserialize(inner) if inner.is_data() => {
             ApiError::new(ErrorCode::Validation, format!("bad body: {inner}"))
         }

@@ -30,7 +30,8 @@ pub async fn create(
     body: web::Json<CreateRoom>,
 ) -> ApiResult<HttpResponse> {
     let name = body.name.trim();
-    if name.is_empty() || name.chars().count() > ROOM_NAME_MAX || name.chars().any(char::is_control) {
+    if name.is_empty() || name.chars().count() > ROOM_NAME_MAX || name.chars().any(char::is_control)
+    {
         return Err(ApiError::validation(format!(
             "name must be 1-{ROOM_NAME_MAX} printable characters"
         )));
@@ -87,15 +88,22 @@ pub async fn create_invite(
     }
     let role = body.role.unwrap_or(Role::Member);
     if role == Role::Ai {
-        return Err(ApiError::validation("the ai role is for agents, not invites"));
+        return Err(ApiError::validation(
+            "the ai role is for agents, not invites",
+        ));
     }
     if role.rank() > own.rank() {
-        return Err(DomainError::forbidden("an invite cannot grant more than your own role").into());
+        return Err(
+            DomainError::forbidden("an invite cannot grant more than your own role").into(),
+        );
     }
     if body.max_uses.is_some_and(|uses| uses < 1) {
         return Err(ApiError::validation("max_uses must be at least 1"));
     }
-    if body.expires_in_s.is_some_and(|ttl| !(1..=INVITE_MAX_TTL_S).contains(&ttl)) {
+    if body
+        .expires_in_s
+        .is_some_and(|ttl| !(1..=INVITE_MAX_TTL_S).contains(&ttl))
+    {
         return Err(ApiError::validation(format!(
             "expires_in_s must be 1-{INVITE_MAX_TTL_S}"
         )));
@@ -135,7 +143,12 @@ pub async fn accept_invite(
     path: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
     let code = path.into_inner();
-    let invalid = || ApiError::new(ErrorCode::InviteInvalid, "this invite is unknown, used up or expired");
+    let invalid = || {
+        ApiError::new(
+            ErrorCode::InviteInvalid,
+            "this invite is unknown, used up or expired",
+        )
+    };
     let room_id = state.store.invite_room(&code).await?.ok_or_else(invalid)?;
     let command = Command::JoinByInvite {
         user: caller.user_ref(),
@@ -164,7 +177,8 @@ pub async fn change_role(
         role: body.role,
     };
     let applied = submit(&state, &room, &caller.id, command).await?;
-    Ok(HttpResponse::Ok().json(json!({"room": room, "user": user, "role": body.role, "seq": applied.seq})))
+    Ok(HttpResponse::Ok()
+        .json(json!({"room": room, "user": user, "role": body.role, "seq": applied.seq})))
 }
 
 pub async fn remove_member(

@@ -44,10 +44,18 @@ pub async fn upgrade(
     let mut response = ws::WsResponseBuilder::new(session, &req, stream)
         .frame_size(hard_cap)
         .start()
-        .map_err(|error| ApiError::new(cochat_actors::error::ErrorCode::InvalidFrame, error.to_string()))?;
+        .map_err(|error| {
+            ApiError::new(
+                cochat_actors::error::ErrorCode::InvalidFrame,
+                error.to_string(),
+            )
+        })?;
     // Which node took the socket: for operators behind a load balancer, and for cluster tests.
     if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&node) {
-        response.headers_mut().insert(actix_web::http::header::HeaderName::from_static("x-cochat-node"), value);
+        response.headers_mut().insert(
+            actix_web::http::header::HeaderName::from_static("x-cochat-node"),
+            value,
+        );
     }
     Ok(response)
 }

@@ -12,15 +12,16 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use actix_http::ws::Item;
 use actix_web_actors::ws::{self, CloseCode, CloseReason};
+use cochat_actors::commit::answer_of;
 use cochat_actors::error::{DomainError, ErrorCode};
 use cochat_actors::event::{Author, AuthorKind};
 use cochat_actors::ids::{MessageId, RoomId, Seq, SessionId};
 use cochat_actors::ports::Command;
 use cochat_actors::protocol::{parse_client_frame, ClientFrame, ParsedFrame, ServerFrame};
-use cochat_actors::commit::answer_of;
 use cochat_actors::registry::{ask_room_at, GetRoom};
 use cochat_actors::room::{
-    unreachable_room, CancelAnswer, Join, Joined, Leave, RegenerateAnswer, Room, RoomFrame, SubmitOrdered, Typing,
+    unreachable_room, CancelAnswer, Join, Joined, Leave, RegenerateAnswer, Room, RoomFrame,
+    SubmitOrdered, Typing,
 };
 use futures_util::StreamExt;
 use serde_json::Value;
@@ -126,7 +127,12 @@ impl Session {
     }
 
     /// A protocol-level refusal (bad frame, flood): answered, and counted towards abuse.
-    fn refuse(&mut self, ctx: &mut ws::WebsocketContext<Self>, reply_to: Option<Value>, error: DomainError) {
+    fn refuse(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        reply_to: Option<Value>,
+        error: DomainError,
+    ) {
         self.send_error(ctx, reply_to, &error, None);
         self.strikes += 1;
         if self.strikes >= self.state.settings.limits.abuse_strikes.max(1) {
@@ -169,7 +175,9 @@ impl Session {
         let reply_to = parsed.id;
         match parsed.frame {
             ClientFrame::Ping => self.send(ctx, &ServerFrame::Pong { reply_to }),
-            ClientFrame::Subscribe { room, since_seq } => self.subscribe(ctx, reply_to, room, since_seq),
+            ClientFrame::Subscribe { room, since_seq } => {
+                self.subscribe(ctx, reply_to, room, since_seq)
+            }
             ClientFrame::Unsubscribe { room } => self.unsubscribe(ctx, reply_to, room),
             ClientFrame::Send {
                 room,
@@ -177,7 +185,10 @@ impl Session {
                 text,
                 reply_to_message,
             } => {
-                if let Err(error) = self.check_text(&text).and_then(|()| check_client_msg_id(&client_msg_id)) {
+                if let Err(error) = self
+                    .check_text(&text)
+                    .and_then(|()| check_client_msg_id(&client_msg_id))
+                {
                     return self.send_error(ctx, reply_to, &error, Some(room));
                 }
                 let author = Author {
@@ -193,34 +204,72 @@ impl Session {
                 };
                 self.submit(ctx, reply_to, room, command);
             }
-            ClientFrame::Edit { room, message_id, text } => {
+            ClientFrame::Edit {
+                room,
+                message_id,
+                text,
+            } => {
                 if let Err(error) = self.check_text(&text) {
                     return self.send_error(ctx, reply_to, &error, Some(room));
                 }
                 let actor = self.user.id.clone();
-                self.submit(ctx, reply_to, room, Command::EditMessage { actor, message_id, text });
+                self.submit(
+                    ctx,
+                    reply_to,
+                    room,
+                    Command::EditMessage {
+                        actor,
+                        message_id,
+                        text,
+                    },
+                );
             }
             ClientFrame::Delete { room, message_id } => {
                 let actor = self.user.id.clone();
                 // The room fills in whether the actor is an admin.
-                let command = Command::DeleteMessage { actor, actor_is_admin: false, message_id };
+                let command = Command::DeleteMessage {
+                    actor,
+                    actor_is_admin: false,
+                    message_id,
+                };
                 self.submit(ctx, reply_to, room, command);
             }
-            ClientFrame::React { room, message_id, emoji, on } => {
+            ClientFrame::React {
+                room,
+                message_id,
+                emoji,
+                on,
+            } => {
                 if let Err(error) = check_emoji(&emoji) {
                     return self.send_error(ctx, reply_to, &error, Some(room));
                 }
                 let actor = self.user.id.clone();
-                self.submit(ctx, reply_to, room, Command::React { actor, message_id, emoji, on });
+                self.submit(
+                    ctx,
+                    reply_to,
+                    room,
+                    Command::React {
+                        actor,
+                        message_id,
+                        emoji,
+                        on,
+                    },
+                );
             }
             ClientFrame::Typing { room } => self.typing(ctx, reply_to, room),
             ClientFrame::Read { room, seq } => self.mark_read(ctx, reply_to, room, seq),
             ClientFrame::Cancel { room, message_id } => {
-                let msg = CancelAnswer { by: self.user.id.clone(), message_id: message_id.clone() };
+                let msg = CancelAnswer {
+                    by: self.user.id.clone(),
+                    message_id: message_id.clone(),
+                };
                 self.ask_ai(ctx, reply_to, room, message_id, msg);
             }
             ClientFrame::Regenerate { room, message_id } => {
-                let msg = RegenerateAnswer { by: self.user.id.clone(), message_id: message_id.clone() };
+                let msg = RegenerateAnswer {
+                    by: self.user.id.clone(),
+                    message_id: message_id.clone(),
+                };
                 self.ask_ai(ctx, reply_to, room, message_id, msg);
             }
         }
@@ -257,7 +306,8 @@ impl Session {
             }
             Some(RoomLink::Resolving(queue)) => queue.push(pending),
             _ => {
-                self.links.insert(room.clone(), RoomLink::Resolving(vec![pending]));
+                self.links
+                    .insert(room.clone(), RoomLink::Resolving(vec![pending]));
                 self.resolve_room(ctx, room);
             }
         }
@@ -276,21 +326,34 @@ impl Session {
             };
             match result {
                 Ok(addr) => {
-                    session.links.insert(room.clone(), RoomLink::Ready(addr.clone()));
+                    session
+                        .links
+                        .insert(room.clone(), RoomLink::Ready(addr.clone()));
                     for pending in queued {
                         session.forward(ctx, &addr, room.clone(), pending);
                     }
                 }
                 Err(_) => {
                     for pending in queued {
-                        session.send_error(ctx, pending.reply_to, &unreachable_room(), Some(room.clone()));
+                        session.send_error(
+                            ctx,
+                            pending.reply_to,
+                            &unreachable_room(),
+                            Some(room.clone()),
+                        );
                     }
                 }
             }
         }));
     }
 
-    fn forward(&mut self, ctx: &mut ws::WebsocketContext<Self>, addr: &Addr<Room>, room: RoomId, pending: PendingWrite) {
+    fn forward(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        addr: &Addr<Room>,
+        room: RoomId,
+        pending: PendingWrite,
+    ) {
         let (reply, answer) = oneshot::channel();
         addr.do_send(SubmitOrdered {
             actor: self.user.id.clone(),
@@ -298,21 +361,23 @@ impl Session {
             reply,
         });
         let reply_to = pending.reply_to;
-        ctx.spawn(answer_of(answer).into_actor(self).map(move |result, session, ctx| match result {
-            Ok(applied) => session.send(
-                ctx,
-                &ServerFrame::Ack {
-                    reply_to,
-                    room,
-                    message_id: applied.message_id,
-                    seq: applied.seq,
-                    duplicate: applied.duplicate,
-                },
-            ),
-            // A room that stopped under us drops the reply: the client retries with the same
-            // client_msg_id, which is idempotent.
-            Err(error) => session.send_error(ctx, reply_to, &error, Some(room)),
-        }));
+        ctx.spawn(answer_of(answer).into_actor(self).map(
+            move |result, session, ctx| match result {
+                Ok(applied) => session.send(
+                    ctx,
+                    &ServerFrame::Ack {
+                        reply_to,
+                        room,
+                        message_id: applied.message_id,
+                        seq: applied.seq,
+                        duplicate: applied.duplicate,
+                    },
+                ),
+                // A room that stopped under us drops the reply: the client retries with the same
+                // client_msg_id, which is idempotent.
+                Err(error) => session.send_error(ctx, reply_to, &error, Some(room)),
+            },
+        ));
     }
 
     fn subscribe(
@@ -332,10 +397,16 @@ impl Session {
             let (addr, joined) = ask_room_at(&registry, &target, join).await?;
             joined.map(|joined| (addr, joined))
         };
-        ctx.spawn(request.into_actor(self).map(move |result, session, ctx| match result {
-            Ok((addr, joined)) => session.start_subscription(ctx, reply_to, room, since_seq, addr, joined),
-            Err(error) => session.send_error(ctx, reply_to, &error, Some(room)),
-        }));
+        ctx.spawn(
+            request
+                .into_actor(self)
+                .map(move |result, session, ctx| match result {
+                    Ok((addr, joined)) => {
+                        session.start_subscription(ctx, reply_to, room, since_seq, addr, joined)
+                    }
+                    Err(error) => session.send_error(ctx, reply_to, &error, Some(room)),
+                }),
+        );
     }
 
     /// Answers `subscribed`, replays what the client missed from the log, then attaches the live
@@ -368,7 +439,8 @@ impl Session {
             }
         }
         if !matches!(self.links.get(&room), Some(RoomLink::Resolving(_))) {
-            self.links.insert(room.clone(), RoomLink::Ready(addr.clone()));
+            self.links
+                .insert(room.clone(), RoomLink::Ready(addr.clone()));
         }
         self.subs.insert(
             room.clone(),
@@ -393,7 +465,14 @@ impl Session {
         let frames = joined.frames;
         let answers = joined.answers;
         for (agent, queue) in joined.queues {
-            self.send(ctx, &ServerFrame::AiQueue { room: room.clone(), agent, queue });
+            self.send(
+                ctx,
+                &ServerFrame::AiQueue {
+                    room: room.clone(),
+                    agent,
+                    queue,
+                },
+            );
         }
         if let Some(since) = since_seq.filter(|since| *since > head) {
             // The client saw more than this node's room has delivered yet (it comes from a node
@@ -453,15 +532,37 @@ impl Session {
 
     /// AI answers being written right now: their whole text so far (offset 0); the deltas that
     /// follow arrive on the room's stream, which starts exactly after this snapshot.
-    fn send_answers_in_progress(&self, ctx: &mut ws::WebsocketContext<Self>, room: &RoomId, answers: Vec<(MessageId, String)>) {
+    fn send_answers_in_progress(
+        &self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        room: &RoomId,
+        answers: Vec<(MessageId, String)>,
+    ) {
         for (message_id, text) in answers {
-            self.send(ctx, &ServerFrame::AiDelta { room: room.clone(), message_id, offset: 0, text });
+            self.send(
+                ctx,
+                &ServerFrame::AiDelta {
+                    room: room.clone(),
+                    message_id,
+                    offset: 0,
+                    text,
+                },
+            );
         }
     }
 
-    fn forward_replayed(&mut self, ctx: &mut ws::WebsocketContext<Self>, room: &RoomId, frame: ServerFrame) {
-        let ServerFrame::Event(event) = &frame else { return };
-        let Some(sub) = self.subs.get_mut(room) else { return };
+    fn forward_replayed(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        room: &RoomId,
+        frame: ServerFrame,
+    ) {
+        let ServerFrame::Event(event) = &frame else {
+            return;
+        };
+        let Some(sub) = self.subs.get_mut(room) else {
+            return;
+        };
         if event.seq <= sub.last_seq {
             return;
         }
@@ -491,7 +592,12 @@ impl Session {
     }
 
     /// Forgets a subscription and stops its stream; `leave` tells the room (presence).
-    fn drop_subscription(&mut self, ctx: &mut ws::WebsocketContext<Self>, room: &RoomId, leave: bool) -> bool {
+    fn drop_subscription(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        room: &RoomId,
+        leave: bool,
+    ) -> bool {
         match self.subs.remove(room) {
             Some(sub) => {
                 if let Some(handle) = sub.stream {
@@ -506,20 +612,43 @@ impl Session {
         }
     }
 
-    fn unsubscribe(&mut self, ctx: &mut ws::WebsocketContext<Self>, reply_to: Option<Value>, room: RoomId) {
+    fn unsubscribe(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        reply_to: Option<Value>,
+        room: RoomId,
+    ) {
         if self.drop_subscription(ctx, &room, true) {
-            self.send(ctx, &ServerFrame::Unsubscribed { reply_to, room, reason: None });
+            self.send(
+                ctx,
+                &ServerFrame::Unsubscribed {
+                    reply_to,
+                    room,
+                    reason: None,
+                },
+            );
         } else {
             let error = DomainError::new(ErrorCode::NotSubscribed, "not subscribed to that room");
             self.send_error(ctx, reply_to, &error, Some(room));
         }
     }
 
-    fn typing(&mut self, ctx: &mut ws::WebsocketContext<Self>, reply_to: Option<Value>, room: RoomId) {
+    fn typing(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        reply_to: Option<Value>,
+        room: RoomId,
+    ) {
         let registry = self.state.registry.clone();
-        let msg = Typing { user: self.user.id.clone() };
+        let msg = Typing {
+            user: self.user.id.clone(),
+        };
         let target = room.clone();
-        let request = async move { ask_room_at(&registry, &target, msg).await.and_then(|(_, answer)| answer) };
+        let request = async move {
+            ask_room_at(&registry, &target, msg)
+                .await
+                .and_then(|(_, answer)| answer)
+        };
         ctx.spawn(request.into_actor(self).map(move |result, session, ctx| {
             if let Err(error) = result {
                 session.send_error(ctx, reply_to, &error, Some(room));
@@ -527,7 +656,13 @@ impl Session {
         }));
     }
 
-    fn mark_read(&mut self, ctx: &mut ws::WebsocketContext<Self>, reply_to: Option<Value>, room: RoomId, seq: Seq) {
+    fn mark_read(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        reply_to: Option<Value>,
+        room: RoomId,
+        seq: Seq,
+    ) {
         if seq < 0 {
             let error = DomainError::validation("seq must not be negative");
             return self.send_error(ctx, reply_to, &error, Some(room));
@@ -536,37 +671,73 @@ impl Session {
         let user = self.user.id.clone();
         let target = room.clone();
         let request = async move { store.mark_read(&target, &user, seq).await };
-        ctx.spawn(request.into_actor(self).map(move |result, session, ctx| match result {
-            Ok(marker) => session.send(
-                ctx,
-                &ServerFrame::Ack { reply_to, room, message_id: None, seq: marker, duplicate: false },
-            ),
-            Err(error) => session.send_error(ctx, reply_to, &error.to_domain(), Some(room)),
-        }));
+        ctx.spawn(
+            request
+                .into_actor(self)
+                .map(move |result, session, ctx| match result {
+                    Ok(marker) => session.send(
+                        ctx,
+                        &ServerFrame::Ack {
+                            reply_to,
+                            room,
+                            message_id: None,
+                            seq: marker,
+                            duplicate: false,
+                        },
+                    ),
+                    Err(error) => session.send_error(ctx, reply_to, &error.to_domain(), Some(room)),
+                }),
+        );
     }
 
     /// Cancel / regenerate: the room decides (it knows the answers in progress and the roles)
     /// and the ack carries the room's head seq.
-    fn ask_ai<M>(&mut self, ctx: &mut ws::WebsocketContext<Self>, reply_to: Option<Value>, room: RoomId, message_id: MessageId, msg: M)
-    where
+    fn ask_ai<M>(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        reply_to: Option<Value>,
+        room: RoomId,
+        message_id: MessageId,
+        msg: M,
+    ) where
         M: actix::Message<Result = Result<Seq, DomainError>> + Send + Clone + 'static,
         Room: actix::Handler<M>,
         <Room as Actor>::Context: actix::dev::ToEnvelope<Room, M>,
     {
         let registry = self.state.registry.clone();
         let target = room.clone();
-        let request = async move { ask_room_at(&registry, &target, msg).await.and_then(|(_, answer)| answer) };
-        ctx.spawn(request.into_actor(self).map(move |result, session, ctx| match result {
-            Ok(seq) => session.send(
-                ctx,
-                &ServerFrame::Ack { reply_to, room, message_id: Some(message_id), seq, duplicate: false },
-            ),
-            Err(error) => session.send_error(ctx, reply_to, &error, Some(room)),
-        }));
+        let request = async move {
+            ask_room_at(&registry, &target, msg)
+                .await
+                .and_then(|(_, answer)| answer)
+        };
+        ctx.spawn(
+            request
+                .into_actor(self)
+                .map(move |result, session, ctx| match result {
+                    Ok(seq) => session.send(
+                        ctx,
+                        &ServerFrame::Ack {
+                            reply_to,
+                            room,
+                            message_id: Some(message_id),
+                            seq,
+                            duplicate: false,
+                        },
+                    ),
+                    Err(error) => session.send_error(ctx, reply_to, &error, Some(room)),
+                }),
+        );
     }
 
     fn on_fragment(&mut self, item: Item, ctx: &mut ws::WebsocketContext<Self>) {
-        let cap = self.state.settings.limits.max_frame_bytes.saturating_mul(4).max(1024);
+        let cap = self
+            .state
+            .settings
+            .limits
+            .max_frame_bytes
+            .saturating_mul(4)
+            .max(1024);
         match item {
             Item::FirstText(bytes) => self.fragments = Some(bytes.to_vec()),
             Item::FirstBinary(_) => {
@@ -589,7 +760,11 @@ impl Session {
                 }
             }
         }
-        if self.fragments.as_ref().is_some_and(|buffer| buffer.len() > cap) {
+        if self
+            .fragments
+            .as_ref()
+            .is_some_and(|buffer| buffer.len() > cap)
+        {
             self.close(ctx, CloseCode::Size, "frame too large");
         }
     }
@@ -605,7 +780,10 @@ fn check_client_msg_id(id: &str) -> Result<(), DomainError> {
 }
 
 fn check_emoji(emoji: &str) -> Result<(), DomainError> {
-    if emoji.is_empty() || emoji.len() > MAX_EMOJI_BYTES || emoji.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if emoji.is_empty()
+        || emoji.len() > MAX_EMOJI_BYTES
+        || emoji.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
         return Err(DomainError::validation(format!(
             "emoji must be 1 to {MAX_EMOJI_BYTES} bytes without spaces"
         )));
@@ -618,7 +796,11 @@ impl Actor for Session {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.state.metrics.connections.inc();
-        let heartbeat = self.state.settings.heartbeat.max(Duration::from_millis(100));
+        let heartbeat = self
+            .state
+            .settings
+            .heartbeat
+            .max(Duration::from_millis(100));
         let timeout = self.state.settings.client_timeout;
         ctx.run_interval(heartbeat, move |session, ctx| {
             if session.last_heard.elapsed() > timeout {
@@ -644,7 +826,11 @@ impl Actor for Session {
         ctx.spawn(wait.into_actor(self).map(|window, _session, ctx| {
             let delay = window.mul_f64(rand::random::<f64>());
             ctx.run_later(delay, |session, ctx| {
-                session.close(ctx, CloseCode::Restart, "server restarting: reconnect with since_seq");
+                session.close(
+                    ctx,
+                    CloseCode::Restart,
+                    "server restarting: reconnect with since_seq",
+                );
             });
         }));
     }
@@ -687,7 +873,11 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
 impl StreamHandler<RoomItem> for Session {
     fn handle(&mut self, item: RoomItem, ctx: &mut Self::Context) {
         // Sessions hold a handful of subscriptions: a scan beats hashing the room id per frame.
-        let Some((room, sub)) = self.subs.iter_mut().find(|(_, sub)| sub.generation == item.generation) else {
+        let Some((room, sub)) = self
+            .subs
+            .iter_mut()
+            .find(|(_, sub)| sub.generation == item.generation)
+        else {
             return;
         };
         match item.frame {
@@ -704,7 +894,11 @@ impl StreamHandler<RoomItem> for Session {
             Some(Err(BroadcastStreamRecvError::Lagged(missed))) => {
                 tracing::info!(user = %self.user.id, room = %room, missed, "slow consumer cut off");
                 self.state.metrics.slow_consumers.inc();
-                self.close(ctx, CloseCode::Policy, "slow_consumer: reconnect with since_seq");
+                self.close(
+                    ctx,
+                    CloseCode::Policy,
+                    "slow_consumer: reconnect with since_seq",
+                );
             }
             Some(Ok(frame)) => {
                 if frame.skip_user.as_ref() == Some(&self.user.id) {

@@ -103,7 +103,10 @@ pub async fn wait_ready(base: &str) {
                 return;
             }
         }
-        assert!(Instant::now() < deadline, "the server at {base} never became ready");
+        assert!(
+            Instant::now() < deadline,
+            "the server at {base} never became ready"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -26,7 +26,10 @@ impl TriggerLimiter {
         };
         for (key, limit) in keys {
             let window = hits.entry((*key).to_owned()).or_default();
-            while window.front().is_some_and(|at| now.duration_since(*at) >= WINDOW) {
+            while window
+                .front()
+                .is_some_and(|at| now.duration_since(*at) >= WINDOW)
+            {
                 window.pop_front();
             }
             if window.len() as u32 >= *limit {
@@ -37,7 +40,11 @@ impl TriggerLimiter {
             hits.entry((*key).to_owned()).or_default().push_back(now);
         }
         if hits.len() > 10_000 {
-            hits.retain(|_, window| window.back().is_some_and(|at| now.duration_since(*at) < WINDOW));
+            hits.retain(|_, window| {
+                window
+                    .back()
+                    .is_some_and(|at| now.duration_since(*at) < WINDOW)
+            });
         }
         Ok(())
     }
@@ -51,11 +58,25 @@ mod tests {
     fn each_key_has_its_own_window_and_a_refusal_records_nothing() {
         let limiter = TriggerLimiter::default();
         let start = Instant::now();
-        assert!(limiter.try_acquire_at(&[("user:a", 2), ("room:r", 3)], start).is_ok());
-        assert!(limiter.try_acquire_at(&[("user:a", 2), ("room:r", 3)], start).is_ok());
-        assert_eq!(limiter.try_acquire_at(&[("user:a", 2), ("room:r", 3)], start), Err("user:a".into()));
-        assert!(limiter.try_acquire_at(&[("user:b", 2), ("room:r", 3)], start).is_ok());
-        assert_eq!(limiter.try_acquire_at(&[("user:c", 2), ("room:r", 3)], start), Err("room:r".into()));
-        assert!(limiter.try_acquire_at(&[("user:a", 2), ("room:r", 3)], start + WINDOW).is_ok());
+        assert!(limiter
+            .try_acquire_at(&[("user:a", 2), ("room:r", 3)], start)
+            .is_ok());
+        assert!(limiter
+            .try_acquire_at(&[("user:a", 2), ("room:r", 3)], start)
+            .is_ok());
+        assert_eq!(
+            limiter.try_acquire_at(&[("user:a", 2), ("room:r", 3)], start),
+            Err("user:a".into())
+        );
+        assert!(limiter
+            .try_acquire_at(&[("user:b", 2), ("room:r", 3)], start)
+            .is_ok());
+        assert_eq!(
+            limiter.try_acquire_at(&[("user:c", 2), ("room:r", 3)], start),
+            Err("room:r".into())
+        );
+        assert!(limiter
+            .try_acquire_at(&[("user:a", 2), ("room:r", 3)], start + WINDOW)
+            .is_ok());
     }
 }

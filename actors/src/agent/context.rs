@@ -55,7 +55,11 @@ pub fn as_chat(agent: &AgentInfo, message: &Message) -> ChatMessage {
 }
 
 pub fn speaker_line(message: &Message) -> String {
-    let suffix = if message.author.kind == AuthorKind::Ai { " (AI)" } else { "" };
+    let suffix = if message.author.kind == AuthorKind::Ai {
+        " (AI)"
+    } else {
+        ""
+    };
     format!("{}{}: {}", message.author.name, suffix, message.text)
 }
 
@@ -68,17 +72,27 @@ pub fn build(input: &ContextInput<'_>) -> Context {
         .unwrap_or_else(|| default_system_prompt(input.agent));
     let mut head = vec![ChatMessage::new("system", system)];
     if let Some(summary) = input.summary.filter(|s| !s.is_empty()) {
-        head.push(ChatMessage::new("system", format!("Summary of the earlier conversation in this room:\n{summary}")));
+        head.push(ChatMessage::new(
+            "system",
+            format!("Summary of the earlier conversation in this room:\n{summary}"),
+        ));
     }
     if !input.thread.is_empty() {
         let lines: Vec<String> = input.thread.iter().map(speaker_line).collect();
         head.push(ChatMessage::new(
             "system",
-            format!("The latest message replies to this thread (oldest first):\n{}", lines.join("\n")),
+            format!(
+                "The latest message replies to this thread (oldest first):\n{}",
+                lines.join("\n")
+            ),
         ));
     }
     let mut trigger = as_chat(input.agent, input.trigger);
-    let fixed: usize = head.iter().map(|m| estimate_tokens(&m.content)).sum::<usize>() + input.answer_tokens;
+    let fixed: usize = head
+        .iter()
+        .map(|m| estimate_tokens(&m.content))
+        .sum::<usize>()
+        + input.answer_tokens;
     let room_for_trigger = input.budget_tokens.saturating_sub(fixed);
     if estimate_tokens(&trigger.content) > room_for_trigger {
         // Even alone the trigger is too long: keep its beginning.
@@ -137,7 +151,12 @@ pub fn summary_chunk(previous: Option<&str>, overflow: &[Message], budget_tokens
 }
 
 /// The request that folds `overflow` (and the previous summary) into a new summary, cut to fit.
-pub fn summary_request(previous: Option<&str>, overflow: &[Message], budget_tokens: usize, answer_tokens: usize) -> Vec<ChatMessage> {
+pub fn summary_request(
+    previous: Option<&str>,
+    overflow: &[Message],
+    budget_tokens: usize,
+    answer_tokens: usize,
+) -> Vec<ChatMessage> {
     let instructions = SUMMARY_INSTRUCTIONS;
     let mut text = String::new();
     if let Some(previous) = previous.filter(|p| !p.is_empty()) {
@@ -157,7 +176,10 @@ pub fn summary_request(previous: Option<&str>, overflow: &[Message], budget_toke
         // Keep the most recent part: the previous summary already carries the oldest.
         text = text.chars().skip(chars - room).collect();
     }
-    vec![ChatMessage::new("system", instructions), ChatMessage::new("user", text)]
+    vec![
+        ChatMessage::new("system", instructions),
+        ChatMessage::new("user", text),
+    ]
 }
 
 #[cfg(test)]
@@ -168,12 +190,20 @@ mod tests {
     use crate::time::Timestamp;
 
     fn message(seq: i64, name: &str, kind: AuthorKind, text: &str) -> Message {
-        let id = if kind == AuthorKind::Ai { format!("ai:{name}") } else { name.to_lowercase() };
+        let id = if kind == AuthorKind::Ai {
+            format!("ai:{name}")
+        } else {
+            name.to_lowercase()
+        };
         Message {
             id: MessageId(format!("m{seq}")),
             room: RoomId::from("r"),
             seq,
-            author: Author { id: UserId(id), name: name.into(), kind },
+            author: Author {
+                id: UserId(id),
+                name: name.into(),
+                kind,
+            },
             text: text.into(),
             reply_to_message: None,
             created_at: Timestamp(0),
@@ -201,21 +231,36 @@ mod tests {
             budget_tokens: 4000,
             answer_tokens: 500,
         });
-        let lines: Vec<(&str, &str)> = context.messages.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
-        assert_eq!(lines[1], ("system", "Summary of the earlier conversation in this room:\nthey met"));
-        assert_eq!(&lines[2..], &[
-            ("user", "Ada: hello"),
-            ("assistant", "hi Ada"),
-            ("user", "poet (AI): a rhyme"),
-            ("user", "Bob: @ai what did Ada say?"),
-        ]);
+        let lines: Vec<(&str, &str)> = context
+            .messages
+            .iter()
+            .map(|m| (m.role.as_str(), m.content.as_str()))
+            .collect();
+        assert_eq!(
+            lines[1],
+            (
+                "system",
+                "Summary of the earlier conversation in this room:\nthey met"
+            )
+        );
+        assert_eq!(
+            &lines[2..],
+            &[
+                ("user", "Ada: hello"),
+                ("assistant", "hi Ada"),
+                ("user", "poet (AI): a rhyme"),
+                ("user", "Bob: @ai what did Ada say?"),
+            ]
+        );
         assert!(context.overflow.is_empty());
     }
 
     #[test]
     fn what_does_not_fit_overflows_oldest_first_and_the_request_stays_within_budget() {
         let agent = AgentInfo::default_agent();
-        let history: Vec<Message> = (1..=100).map(|i| message(i, "Ada", AuthorKind::User, &"x".repeat(200))).collect();
+        let history: Vec<Message> = (1..=100)
+            .map(|i| message(i, "Ada", AuthorKind::User, &"x".repeat(200)))
+            .collect();
         let trigger = message(101, "Bob", AuthorKind::User, "/ai sum it up");
         let context = build(&ContextInput {
             agent: &agent,
@@ -226,18 +271,34 @@ mod tests {
             budget_tokens: 2000,
             answer_tokens: 500,
         });
-        assert!(context.estimated_tokens + 500 <= 2000, "{}", context.estimated_tokens);
+        assert!(
+            context.estimated_tokens + 500 <= 2000,
+            "{}",
+            context.estimated_tokens
+        );
         assert!(!context.overflow.is_empty());
         let kept = context.messages.len() - 2;
         assert_eq!(context.overflow.len() + kept, 100);
-        assert_eq!(context.overflow.last().map(|m| m.seq), Some(100 - kept as i64), "the newest history is kept");
+        assert_eq!(
+            context.overflow.last().map(|m| m.seq),
+            Some(100 - kept as i64),
+            "the newest history is kept"
+        );
     }
 
     #[test]
     fn an_overlong_trigger_is_cut_to_fit() {
         let agent = AgentInfo::default_agent();
         let trigger = message(1, "Bob", AuthorKind::User, &"y".repeat(100_000));
-        let context = build(&ContextInput { agent: &agent, trigger: &trigger, history: &[], thread: &[], summary: None, budget_tokens: 1000, answer_tokens: 200 });
+        let context = build(&ContextInput {
+            agent: &agent,
+            trigger: &trigger,
+            history: &[],
+            thread: &[],
+            summary: None,
+            budget_tokens: 1000,
+            answer_tokens: 200,
+        });
         assert!(context.estimated_tokens + 200 <= 1000);
     }
 }

@@ -28,7 +28,9 @@ use crate::ids::{MessageId, RoomId, UserId};
 use crate::llm::{ChatMessage, ChatRequest, LlmError, LlmProvider, StreamItem};
 use crate::ports::{AnswerOutcome, Command, Store};
 use crate::protocol::{QueuedTrigger, UsageReport};
-use crate::room::{AgentDelta, AgentQueue, AgentSnapshot, AgentStopped, AgentUsage, AgentWrite, Room};
+use crate::room::{
+    AgentDelta, AgentQueue, AgentSnapshot, AgentStopped, AgentUsage, AgentWrite, Room,
+};
 use crate::time::Timestamp;
 
 /// What agents answer when no provider is configured.
@@ -181,7 +183,9 @@ impl Agent {
         if self.current.is_some() {
             return;
         }
-        let Some(job) = self.queue.pop_front() else { return };
+        let Some(job) = self.queue.pop_front() else {
+            return;
+        };
         self.publish_queue();
         let message_id = MessageId::random();
         let progress = Arc::new(Progress::default());
@@ -241,8 +245,14 @@ impl Agent {
             (room_key.as_str(), config.triggers_per_min_room),
         ];
         if let Err(key) = self.deps.limiter.try_acquire(&keys) {
-            let whose = if key.starts_with("user:") { "your" } else { "this room's" };
-            let reason = format!("{whose} limit of AI requests per minute is reached; try again in a minute");
+            let whose = if key.starts_with("user:") {
+                "your"
+            } else {
+                "this room's"
+            };
+            let reason = format!(
+                "{whose} limit of AI requests per minute is reached; try again in a minute"
+            );
             return self.reject(job, "rate_limited", reason, ctx);
         }
         let store = self.deps.store.clone();
@@ -251,24 +261,40 @@ impl Agent {
         let (per_user, per_room) = (config.tokens_per_day_user, config.tokens_per_day_room);
         let check = async move {
             let (_, since) = utc_day();
-            let used_by_user = store.user_usage(&user, since).await.map(|t| t.total()).unwrap_or(0);
+            let used_by_user = store
+                .user_usage(&user, since)
+                .await
+                .map(|t| t.total())
+                .unwrap_or(0);
             if used_by_user >= per_user {
-                return Err(format!("your AI budget of {per_user} tokens per day is used up"));
+                return Err(format!(
+                    "your AI budget of {per_user} tokens per day is used up"
+                ));
             }
-            let used_in_room = store.room_usage(&room, since).await.map(|t| t.total()).unwrap_or(0);
+            let used_in_room = store
+                .room_usage(&room, since)
+                .await
+                .map(|t| t.total())
+                .unwrap_or(0);
             if used_in_room >= per_room {
-                return Err(format!("this room's AI budget of {per_room} tokens per day is used up"));
+                return Err(format!(
+                    "this room's AI budget of {per_room} tokens per day is used up"
+                ));
             }
             Ok(())
         };
-        ctx.spawn(check.into_actor(self).map(move |verdict, agent, ctx| match verdict {
-            Ok(()) => {
-                agent.queue.push_back(job);
-                agent.publish_queue();
-                agent.try_start(ctx);
-            }
-            Err(reason) => agent.reject(job, "budget_exceeded", reason, ctx),
-        }));
+        ctx.spawn(
+            check
+                .into_actor(self)
+                .map(move |verdict, agent, ctx| match verdict {
+                    Ok(()) => {
+                        agent.queue.push_back(job);
+                        agent.publish_queue();
+                        agent.try_start(ctx);
+                    }
+                    Err(reason) => agent.reject(job, "budget_exceeded", reason, ctx),
+                }),
+        );
     }
 
     fn reject(&mut self, job: Job, code: &str, reason: String, ctx: &mut Context<Self>) {
@@ -286,7 +312,16 @@ impl Agent {
                 };
                 if matches!(room.send(AgentWrite { command: start }).await, Ok(Ok(_))) {
                     let outcome = AnswerOutcome::Failed { code, reason };
-                    finish(&room, &info, &job, &message_id, String::new(), outcome, None).await;
+                    finish(
+                        &room,
+                        &info,
+                        &job,
+                        &message_id,
+                        String::new(),
+                        outcome,
+                        None,
+                    )
+                    .await;
                 }
             }
             .into_actor(self),
@@ -348,7 +383,9 @@ impl Handler<CancelJob> for Agent {
             running.message_id == msg.message_id || running.job.trigger_message_id == msg.message_id
         });
         if matches_current {
-            let Some(mut running) = self.current.take() else { return };
+            let Some(mut running) = self.current.take() else {
+                return;
+            };
             if let Some(handle) = running.handle.take() {
                 // Drops the provider stream: the upstream request is aborted now.
                 ctx.cancel_future(handle);
@@ -359,9 +396,21 @@ impl Handler<CancelJob> for Agent {
             let room = self.room.clone();
             let info = self.info.clone();
             let text = running.progress.text();
-            let usage = Some(running.progress.usage()).filter(|u| u.prompt_tokens + u.completion_tokens > 0);
+            let usage = Some(running.progress.usage())
+                .filter(|u| u.prompt_tokens + u.completion_tokens > 0);
             let outcome = AnswerOutcome::Cancelled { by: msg.by };
-            let done = async move { finish(&room, &info, &running.job, &running.message_id, text, outcome, usage).await };
+            let done = async move {
+                finish(
+                    &room,
+                    &info,
+                    &running.job,
+                    &running.message_id,
+                    text,
+                    outcome,
+                    usage,
+                )
+                .await
+            };
             ctx.spawn(done.into_actor(self).map(|(), agent, ctx| {
                 agent.report_usage(ctx);
                 agent.try_start(ctx);
@@ -425,7 +474,17 @@ async fn answer(
             Ok(())
         }
         Some(provider) => {
-            stream_answer(&deps, provider.as_ref(), &room, &room_id, &info, &trigger, &message_id, &progress).await
+            stream_answer(
+                &deps,
+                provider.as_ref(),
+                &room,
+                &room_id,
+                &info,
+                &trigger,
+                &message_id,
+                &progress,
+            )
+            .await
         }
     };
     let outcome = match result {
@@ -433,7 +492,16 @@ async fn answer(
         Err((code, reason)) => AnswerOutcome::Failed { code, reason },
     };
     let usage = Some(progress.usage()).filter(|u| u.prompt_tokens + u.completion_tokens > 0);
-    finish(&room, &info, &job, &message_id, progress.text(), outcome, usage).await;
+    finish(
+        &room,
+        &info,
+        &job,
+        &message_id,
+        progress.text(),
+        outcome,
+        usage,
+    )
+    .await;
 }
 
 /// Sends a delta to the room (which fans it out everywhere).
@@ -472,11 +540,18 @@ async fn stream_answer(
     progress: &Progress,
 ) -> Result<(), (String, String)> {
     let config = &deps.config;
-    let model = info.model.clone().unwrap_or_else(|| provider.default_model().to_owned());
+    let model = info
+        .model
+        .clone()
+        .unwrap_or_else(|| provider.default_model().to_owned());
     let mut messages = context_for(deps, provider, room_id, info, trigger, &model).await;
     let mut last_checkpoint = Instant::now();
     for step in 0..=config.tool_steps {
-        let tools = if step < config.tool_steps { tools::specs() } else { Vec::new() };
+        let tools = if step < config.tool_steps {
+            tools::specs()
+        } else {
+            Vec::new()
+        };
         let request = ChatRequest {
             model: model.clone(),
             messages: messages.clone(),
@@ -484,8 +559,15 @@ async fn stream_answer(
             max_tokens: Some(config.answer_tokens),
         };
 
-        let prompt_estimate: usize = request.messages.iter().map(|m| context::estimate_tokens(&m.content)).sum();
-        let mut stream = provider.stream(request).await.map_err(|e| (error_code(&e), e.to_string()))?;
+        let prompt_estimate: usize = request
+            .messages
+            .iter()
+            .map(|m| context::estimate_tokens(&m.content))
+            .sum();
+        let mut stream = provider
+            .stream(request)
+            .await
+            .map_err(|e| (error_code(&e), e.to_string()))?;
         let mut calls = Vec::new();
         let mut step_text = String::new();
         let mut reported = false;
@@ -500,7 +582,10 @@ async fn stream_answer(
                     }
                 }
                 StreamItem::ToolCall(call) => calls.push(call),
-                StreamItem::Usage { prompt_tokens, completion_tokens } => {
+                StreamItem::Usage {
+                    prompt_tokens,
+                    completion_tokens,
+                } => {
                     reported = true;
                     if let Ok(mut usage) = progress.usage.lock() {
                         usage.prompt_tokens += prompt_tokens;
@@ -542,9 +627,20 @@ async fn stream_answer(
 
 /// Saves the text so far and re-sends it whole to the other nodes. The store write runs on its
 /// own: the stream keeps being read meanwhile (a slow write must not delay the next delta).
-fn checkpoint(deps: &AiDeps, room: &Addr<Room>, room_id: &RoomId, message_id: &MessageId, progress: &Progress) {
+fn checkpoint(
+    deps: &AiDeps,
+    room: &Addr<Room>,
+    room_id: &RoomId,
+    message_id: &MessageId,
+    progress: &Progress,
+) {
     let text = progress.text();
-    let (store, room_id, id, saved) = (deps.store.clone(), room_id.clone(), message_id.clone(), text.clone());
+    let (store, room_id, id, saved) = (
+        deps.store.clone(),
+        room_id.clone(),
+        message_id.clone(),
+        text.clone(),
+    );
     tokio::spawn(async move {
         if let Err(error) = store.save_partial(&room_id, &id, &saved).await {
             tracing::debug!(%error, "checkpoint failed; the next one will carry the text");
@@ -590,7 +686,11 @@ async fn context_for(
     let answer_tokens = config.answer_tokens as usize;
     let visible = |summary: &Option<(String, i64)>| -> Vec<Message> {
         let after = summary.as_ref().map_or(0, |(_, seq)| *seq);
-        history.iter().filter(|m| m.seq > after && !m.deleted).cloned().collect()
+        history
+            .iter()
+            .filter(|m| m.seq > after && !m.deleted)
+            .cloned()
+            .collect()
     };
     let mut recent = visible(&summary);
     let mut built = context::build(&context::ContextInput {
@@ -612,13 +712,23 @@ async fn context_for(
             let take = context::summary_chunk(previous, remaining, config.context_tokens);
             let request = ChatRequest {
                 model: model.to_owned(),
-                messages: context::summary_request(previous, &remaining[..take], config.context_tokens, context::SUMMARY_TOKENS),
+                messages: context::summary_request(
+                    previous,
+                    &remaining[..take],
+                    config.context_tokens,
+                    context::SUMMARY_TOKENS,
+                ),
                 tools: Vec::new(),
                 max_tokens: Some(context::SUMMARY_TOKENS as u32),
             };
-            let Some(text) = collect_text(provider, request).await else { break };
+            let Some(text) = collect_text(provider, request).await else {
+                break;
+            };
             let through = remaining[take - 1].seq;
-            if let Err(error) = store.save_summary(room_id, &info.name, &text, through).await {
+            if let Err(error) = store
+                .save_summary(room_id, &info.name, &text, through)
+                .await
+            {
                 tracing::warn!(%error, "cannot save the room summary");
             }
             summary = Some((text, through));

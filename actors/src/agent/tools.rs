@@ -58,7 +58,10 @@ pub async fn run(store: &dyn Store, room: &RoomId, call: &ToolCall) -> String {
         "search_history" => match args["query"].as_str().filter(|q| !q.trim().is_empty()) {
             None => json!({"error": "`query` (a non-empty string) is required"}),
             Some(query) => {
-                let limit = args["limit"].as_u64().unwrap_or(10).clamp(1, SEARCH_LIMIT_MAX as u64) as u32;
+                let limit = args["limit"]
+                    .as_u64()
+                    .unwrap_or(10)
+                    .clamp(1, SEARCH_LIMIT_MAX as u64) as u32;
                 match store.search_messages(room, query, limit).await {
                     Ok(found) => json!({"matches": found.iter().map(brief).collect::<Vec<_>>()}),
                     Err(_) => json!({"error": "the history is unavailable right now"}),

@@ -42,7 +42,10 @@ fn is_name_char(c: char) -> bool {
 
 /// Whether `name` is a valid agent name: 1-32 of `a-z 0-9 _ -`.
 pub fn valid_agent_name(name: &str) -> bool {
-    (1..=32).contains(&name.len()) && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+    (1..=32).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
 }
 
 #[cfg(test)]
@@ -63,7 +66,10 @@ mod tests {
 
     #[test]
     fn mentions_are_word_bounded_case_insensitive_and_deduplicated() {
-        assert_eq!(mentioned_agents("hey @Poet and @sage-2, also @poet", &agents()), ["poet", "sage-2"]);
+        assert_eq!(
+            mentioned_agents("hey @Poet and @sage-2, also @poet", &agents()),
+            ["poet", "sage-2"]
+        );
         assert!(mentioned_agents("mail me at bob@poet.org", &agents()).is_empty());
         assert!(mentioned_agents("@poetry is not @poet-ish", &agents()).is_empty());
         assert!(mentioned_agents("@nobody here", &agents()).is_empty());

@@ -85,8 +85,12 @@ pub struct ParsedFrame {
 
 /// Parses one text frame. On failure returns the id (when one could be read) with the error.
 pub fn parse_client_frame(text: &str) -> Result<ParsedFrame, (Option<Value>, DomainError)> {
-    let mut value: Value = serde_json::from_str(text)
-        .map_err(|error| (None, DomainError::new(ErrorCode::BadJson, format!("not JSON: {error}"))))?;
+    let mut value: Value = serde_json::from_str(text).map_err(|error| {
+        (
+            None,
+            DomainError::new(ErrorCode::BadJson, format!("not JSON: {error}")),
+        )
+    })?;
     let Some(object) = value.as_object_mut() else {
         return Err((
             None,
@@ -116,14 +120,20 @@ pub fn parse_client_frame(text: &str) -> Result<ParsedFrame, (Option<Value>, Dom
     if !CLIENT_FRAME_TYPES.contains(&kind.as_str()) {
         return Err((
             id,
-            DomainError::new(ErrorCode::UnknownType, format!("unknown frame type `{kind}`")),
+            DomainError::new(
+                ErrorCode::UnknownType,
+                format!("unknown frame type `{kind}`"),
+            ),
         ));
     }
     match serde_json::from_value::<ClientFrame>(value) {
         Ok(frame) => Ok(ParsedFrame { id, frame }),
         Err(error) => Err((
             id,
-            DomainError::new(ErrorCode::InvalidFrame, format!("bad `{kind}` frame: {error}")),
+            DomainError::new(
+                ErrorCode::InvalidFrame,
+                format!("bad `{kind}` frame: {error}"),
+            ),
         )),
     }
 }
@@ -152,13 +162,24 @@ mod tests {
 
     #[test]
     fn classifies_each_kind_of_bad_frame() {
-        let code = |text: &str| parse_client_frame(text).expect_err("must be refused").1.code;
+        let code = |text: &str| {
+            parse_client_frame(text)
+                .expect_err("must be refused")
+                .1
+                .code
+        };
         assert_eq!(code("{nope"), ErrorCode::BadJson);
         assert_eq!(code("[1,2]"), ErrorCode::InvalidFrame);
         assert_eq!(code(r#"{"room":"r"}"#), ErrorCode::InvalidFrame);
         assert_eq!(code(r#"{"type":"dance"}"#), ErrorCode::UnknownType);
-        assert_eq!(code(r#"{"type":"send","room":"r"}"#), ErrorCode::InvalidFrame);
-        assert_eq!(code(r#"{"type":"read","room":"r","seq":"x"}"#), ErrorCode::InvalidFrame);
+        assert_eq!(
+            code(r#"{"type":"send","room":"r"}"#),
+            ErrorCode::InvalidFrame
+        );
+        assert_eq!(
+            code(r#"{"type":"read","room":"r","seq":"x"}"#),
+            ErrorCode::InvalidFrame
+        );
     }
 
     #[test]

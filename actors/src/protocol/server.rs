@@ -121,7 +121,9 @@ pub enum Presence {
 impl ServerFrame {
     pub fn to_json(&self) -> String {
         // Serialising these plain data types cannot fail: no maps with non-string keys, no I/O.
-        serde_json::to_string(self).unwrap_or_else(|_| String::from("{\"type\":\"error\",\"code\":\"internal\",\"message\":\"serialisation\"}"))
+        serde_json::to_string(self).unwrap_or_else(|_| {
+            String::from("{\"type\":\"error\",\"code\":\"internal\",\"message\":\"serialisation\"}")
+        })
     }
 
     pub fn error(reply_to: Option<Value>, error: &crate::error::DomainError) -> Self {
