@@ -147,19 +147,6 @@ pub fn route_bus_notice(registry: &Addr<RoomRegistry>, notice: BusNotice) {
     }
 }
 
-/// How many Room actors are running on this node.
-#[derive(Message)]
-#[rtype(result = "usize")]
-pub struct ActiveRooms;
-
-impl Handler<ActiveRooms> for RoomRegistry {
-    type Result = usize;
-
-    fn handle(&mut self, _msg: ActiveRooms, _ctx: &mut Self::Context) -> usize {
-        self.rooms.values().filter(|addr| addr.connected()).count()
-    }
-}
-
 /// Sends `msg` to the room's actor, retrying when it hit a Room that was stopping.
 pub async fn ask_room<M>(
     registry: &Addr<RoomRegistry>,

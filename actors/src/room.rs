@@ -1301,25 +1301,137 @@ impl Handler<Resync> for Room {
     }
 }
 
-/// The caller's role in the room, from the cache (`None`: not a member).
-#[derive(Message, Clone)]
-#[rtype(result = "Option<Role>")]
-pub struct RoleOf {
-    pub user: UserId,
-}
-
-impl Handler<RoleOf> for Room {
-    type Result = Option<Role>;
-
-    fn handle(&mut self, msg: RoleOf, _ctx: &mut Self::Context) -> Self::Result {
-        self.role_of(&msg.user)
-    }
-}
-
 /// Reports the error code a caller should see when a room cannot be reached at all.
 pub fn unreachable_room() -> DomainError {
     DomainError::new(
         ErrorCode::StoreUnavailable,
         "the room is unavailable, try again",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::bus::LocalHub;
+    use crate::commit::CommitterConfig;
+    use crate::event::{Author, LeaveReason};
+    use crate::fakes::MemoryLog;
+    use crate::ports::NoTelemetry;
+    use crate::registry::{GetRoom, RoomRegistry};
+
+    fn body(n: i64) -> EventBody {
+        EventBody::MemberLeft {
+            user: UserRef {
+                id: UserId(format!("gone{n}")),
+                name: String::new(),
+            },
+            reason: LeaveReason::Left,
+            by: UserId(format!("gone{n}")),
+        }
+    }
+
+    /// A room with member `u` on a node with a lone in-process bus, and a session joined to it.
+    async fn joined_room(log: Arc<MemoryLog>) -> (Addr<Room>, RoomFrames) {
+        let room = RoomId::from("r");
+        log.add_room(&room, &[("u", Role::Member)]);
+        let (notices, _) = tokio::sync::mpsc::channel(16);
+        let deps = RoomDeps {
+            log: log.clone(),
+            bus: Arc::new(LocalHub::new().join("n", notices)),
+            ai: None,
+            committer: Committer::start(log, CommitterConfig::default(), Arc::new(NoTelemetry)),
+            telemetry: Arc::new(NoTelemetry),
+            config: RoomConfig::default(),
+        };
+        let registry = RoomRegistry::new(deps).start();
+        let addr = registry
+            .send(GetRoom { room })
+            .await
+            .expect("the registry answers");
+        let joined = addr
+            .send(Join {
+                session: SessionId(1),
+                user: UserId::from("u"),
+            })
+            .await
+            .expect("the room answers")
+            .expect("u is a member");
+        (addr, joined.frames)
+    }
+
+    /// The seqs of the durable frames that arrive within `wait`.
+    async fn seqs(frames: &mut RoomFrames, wait: Duration) -> Vec<Seq> {
+        let mut seqs = Vec::new();
+        while let Ok(Ok(frame)) = tokio::time::timeout(wait, frames.recv()).await {
+            seqs.extend(frame.seq);
+        }
+        seqs
+    }
+
+    #[actix::test]
+    async fn events_arriving_out_of_order_go_out_in_seq_order_once() {
+        let log = Arc::new(MemoryLog::default());
+        let (room, mut frames) = joined_room(log.clone()).await;
+        let events: Vec<StoredEvent> = (1..=3)
+            .map(|n| log.append_foreign(&RoomId::from("r"), body(n)))
+            .collect();
+        for order in [2, 0, 0, 1, 2] {
+            room.do_send(Deliver {
+                events: vec![events[order].clone()],
+            });
+        }
+        assert_eq!(
+            seqs(&mut frames, Duration::from_millis(50)).await,
+            [1, 2, 3]
+        );
+    }
+
+    #[actix::test]
+    async fn a_gap_the_bus_never_fills_is_repaired_from_the_log() {
+        let log = Arc::new(MemoryLog::default());
+        let (room, mut frames) = joined_room(log.clone()).await;
+        let events: Vec<StoredEvent> = (1..=3)
+            .map(|n| log.append_foreign(&RoomId::from("r"), body(n)))
+            .collect();
+        room.do_send(Deliver {
+            events: vec![events[2].clone()],
+        });
+        // Nothing before the repair delay, then everything in order.
+        assert!(seqs(&mut frames, GAP_REPAIR_DELAY / 4).await.is_empty());
+        assert_eq!(seqs(&mut frames, GAP_REPAIR_DELAY * 3).await, [1, 2, 3]);
+    }
+
+    #[actix::test]
+    async fn a_write_the_store_refuses_is_neither_acked_nor_delivered() {
+        let log = Arc::new(MemoryLog::default());
+        let (room, mut frames) = joined_room(log.clone()).await;
+        log.failing.store(true, std::sync::atomic::Ordering::SeqCst);
+        let command = Command::PostMessage {
+            author: Author {
+                id: UserId::from("u"),
+                name: "u".into(),
+                kind: AuthorKind::User,
+            },
+            client_msg_id: "c1".into(),
+            text: "hello".into(),
+            reply_to: None,
+        };
+        let answer = room
+            .send(Submit {
+                actor: UserId::from("u"),
+                command,
+            })
+            .await
+            .expect("the room answers");
+        assert_eq!(
+            answer.expect_err("no ack without a commit").code,
+            ErrorCode::StoreUnavailable
+        );
+        assert!(seqs(&mut frames, Duration::from_millis(100))
+            .await
+            .is_empty());
+        assert_eq!(log.event_count(&RoomId::from("r")), 0);
+    }
 }
