@@ -639,16 +639,10 @@ impl Session {
         reply_to: Option<Value>,
         room: RoomId,
     ) {
-        let registry = self.state.registry.clone();
         let msg = Typing {
             user: self.user.id.clone(),
         };
-        let target = room.clone();
-        let request = async move {
-            ask_room_at(&registry, &target, msg)
-                .await
-                .and_then(|(_, answer)| answer)
-        };
+        let request = self.ask(&room, msg);
         ctx.spawn(request.into_actor(self).map(move |result, session, ctx| {
             if let Err(error) = result {
                 session.send_error(ctx, reply_to, &error, Some(room));
@@ -692,6 +686,37 @@ impl Session {
 
     /// Cancel / regenerate: the room decides (it knows the answers in progress and the roles)
     /// and the ack carries the room's head seq.
+    /// Asks the room's actor, through this connection's link to it when it has one (no
+    /// registry round trip), else through the registry. Flattens the room's own refusal.
+    fn ask<M, T>(
+        &self,
+        room: &RoomId,
+        msg: M,
+    ) -> impl std::future::Future<Output = Result<T, DomainError>> + 'static
+    where
+        M: actix::Message<Result = Result<T, DomainError>> + Send + Clone + 'static,
+        T: Send + 'static,
+        Room: actix::Handler<M>,
+        <Room as Actor>::Context: actix::dev::ToEnvelope<Room, M>,
+    {
+        let cached = match self.links.get(room) {
+            Some(RoomLink::Ready(addr)) if addr.connected() => Some(addr.clone()),
+            _ => None,
+        };
+        let registry = self.state.registry.clone();
+        let target = room.clone();
+        async move {
+            if let Some(addr) = cached {
+                if let Ok(answer) = addr.send(msg.clone()).await {
+                    return answer;
+                }
+            }
+            ask_room_at(&registry, &target, msg)
+                .await
+                .and_then(|(_, answer)| answer)
+        }
+    }
+
     fn ask_ai<M>(
         &mut self,
         ctx: &mut ws::WebsocketContext<Self>,
@@ -704,13 +729,7 @@ impl Session {
         Room: actix::Handler<M>,
         <Room as Actor>::Context: actix::dev::ToEnvelope<Room, M>,
     {
-        let registry = self.state.registry.clone();
-        let target = room.clone();
-        let request = async move {
-            ask_room_at(&registry, &target, msg)
-                .await
-                .and_then(|(_, answer)| answer)
-        };
+        let request = self.ask(&room, msg);
         ctx.spawn(
             request
                 .into_actor(self)
