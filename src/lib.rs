@@ -48,7 +48,7 @@ pub async fn run_until(
     let store_url = settings.store_url();
     let store = store::open(&store_url)
         .await
-        .with_context(|| format!("opening the store at {}", redact_url(&store_url)))?;
+        .with_context(|| format!("opening the store at {}", store::redact_url(&store_url)))?;
     let secret = load_or_generate_secret(settings.jwt_secret.as_deref(), &settings.data_dir)
         .context("preparing the JWT secret")?;
     let tokens = TokenKeys::new(&secret, settings.token_ttl);
@@ -144,7 +144,7 @@ pub async fn run_until(
     let server = server.run();
     let handle = server.handle();
     let serving = actix_web::rt::spawn(server);
-    tracing::info!(%address, node = %settings.node_id, store = %redact_url(&store_url), "cochat is serving");
+    tracing::info!(%address, node = %settings.node_id, store = %store::redact_url(&store_url), "cochat is serving");
 
     shutdown.await;
     drain(&state, &handle).await;
@@ -194,34 +194,4 @@ async fn shutdown_signal() {
         let _ = tokio::signal::ctrl_c().await;
     }
     tracing::info!("shutdown signal received");
-}
-
-/// A URL for logs: the password, if any, replaced.
-fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _)) => format!("{}{}:***{}", &url[..scheme + 3], user, &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn urls_lose_their_password_in_logs() {
-        assert_eq!(
-            super::redact_url("postgres://u:secret@h/db"),
-            "postgres://u:***@h/db"
-        );
-        assert_eq!(super::redact_url("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(
-            super::redact_url("sqlite://./data/cochat.db"),
-            "sqlite://./data/cochat.db"
-        );
-    }
 }

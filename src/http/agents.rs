@@ -1,13 +1,12 @@
 //! AI personas of a room and the room's AI usage.
 
 use actix_web::{web, HttpResponse};
-use chrono::{TimeZone, Utc};
 use cochat_actors::agent::trigger::valid_agent_name;
+use cochat_actors::agent::utc_day;
 use cochat_actors::error::DomainError;
 use cochat_actors::event::AgentInfo;
 use cochat_actors::ids::RoomId;
 use cochat_actors::ports::Command;
-use cochat_actors::time::Timestamp;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -117,12 +116,7 @@ pub async fn usage(
 ) -> ApiResult<HttpResponse> {
     let room = path.into_inner();
     require_member(&state, &room, &caller.id).await?;
-    let now = Utc::now();
-    let day = now.date_naive();
-    let since = day
-        .and_hms_opt(0, 0, 0)
-        .map(|midnight| Timestamp(Utc.from_utc_datetime(&midnight).timestamp_millis()))
-        .unwrap_or(Timestamp(0));
+    let (day, since) = utc_day();
     let totals = state.store.room_usage(&room, since).await?;
     let by_user = state.store.room_usage_by_user(&room, since).await?;
     let limits = &state.settings.ai;
@@ -132,7 +126,7 @@ pub async fn usage(
         .collect();
     Ok(HttpResponse::Ok().json(json!({
         "room": room,
-        "day": day.format("%Y-%m-%d").to_string(),
+        "day": day,
         "prompt_tokens": totals.prompt_tokens,
         "completion_tokens": totals.completion_tokens,
         "answers": totals.answers,

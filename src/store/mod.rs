@@ -31,8 +31,8 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     )))
 }
 
-/// Keeps passwords out of error messages.
-fn redact_url(url: &str) -> String {
+/// Keeps credentials out of logs and error messages.
+pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             format!("{}://***{}", &url[..scheme], &url[at..])
@@ -44,6 +44,18 @@ fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_lose_their_credentials_in_messages() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h/db"),
+            "postgres://***@h/db"
+        );
+        assert_eq!(
+            redact_url("sqlite://./data/cochat.db"),
+            "sqlite://./data/cochat.db"
+        );
+    }
 
     #[tokio::test]
     async fn dispatches_on_the_url() {

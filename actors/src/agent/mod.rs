@@ -426,8 +426,9 @@ impl Handler<CancelJob> for Agent {
     }
 }
 
-/// The start of the current UTC day, and its date.
-fn utc_day() -> (String, Timestamp) {
+/// The current UTC day (`YYYY-MM-DD`) and when it started: budgets and usage reports count
+/// tokens per UTC day.
+pub fn utc_day() -> (String, Timestamp) {
     let now = Utc::now();
     let day = now.date_naive();
     let start = day
