@@ -12,7 +12,7 @@ use cochat_actors::bus::{Bus, BusNotice, BusPayload, LocalHub};
 use cochat_actors::event::{EventBody, StoredEvent, UserRef};
 use cochat_actors::ids::{Role, RoomId, UserId};
 use cochat_actors::time::Timestamp;
-use common::redis::{reachable, RedisProcess};
+use common::redis::RedisProcess;
 use tokio::sync::mpsc;
 
 struct Node {
@@ -63,15 +63,7 @@ async fn redis_pair(url: &str) -> Pair {
 }
 
 fn shared_redis_url() -> Option<String> {
-    if reachable(6379) {
-        return Some("redis://127.0.0.1:6379/".into());
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "Redis is required in CI on 127.0.0.1:6379"
-    );
-    eprintln!("SKIPPED (no Redis on 127.0.0.1:6379): Redis half of the bus suite");
-    None
+    common::redis::shared().map(str::to_owned)
 }
 
 macro_rules! both_buses {

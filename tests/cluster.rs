@@ -392,7 +392,10 @@ async fn members_on_different_nodes_talk_through_nginx() {
     let Some(db) = TestDatabase::postgres().await else {
         return;
     };
-    let cluster = Cluster::start(db, 3, "redis://127.0.0.1:6379/").await;
+    let Some(shared_redis) = common::redis::shared() else {
+        return;
+    };
+    let cluster = Cluster::start(db, 3, shared_redis).await;
     let nginx = Nginx::start(&cluster.ports).await;
     let api = Api::new(&nginx.base());
     let (ada, cy) = (api.register("ada").await, api.register("cyd").await);
@@ -467,7 +470,10 @@ async fn killing_a_node_mid_traffic_loses_nothing() {
     let Some(db) = TestDatabase::postgres().await else {
         return;
     };
-    let mut cluster = Cluster::start(db, 3, "redis://127.0.0.1:6379/").await;
+    let Some(shared_redis) = common::redis::shared() else {
+        return;
+    };
+    let mut cluster = Cluster::start(db, 3, shared_redis).await;
     let nginx = Nginx::start(&cluster.ports).await;
     let api = Api::new(&nginx.base());
     let victim = cluster.nodes[1].take();
@@ -483,7 +489,10 @@ async fn a_rolling_restart_under_traffic_loses_nothing() {
     let Some(db) = TestDatabase::postgres().await else {
         return;
     };
-    let cluster = Cluster::start(db, 3, "redis://127.0.0.1:6379/").await;
+    let Some(shared_redis) = common::redis::shared() else {
+        return;
+    };
+    let cluster = Cluster::start(db, 3, shared_redis).await;
     let nginx = Nginx::start(&cluster.ports).await;
     let api = Api::new(&nginx.base());
     let cluster = tokio::sync::Mutex::new(cluster);
@@ -590,7 +599,10 @@ async fn members_of_a_dead_node_drop_out_of_presence() {
     let Some(db) = TestDatabase::postgres().await else {
         return;
     };
-    let mut cluster = Cluster::start(db, 2, "redis://127.0.0.1:6379/").await;
+    let Some(shared_redis) = common::redis::shared() else {
+        return;
+    };
+    let mut cluster = Cluster::start(db, 2, shared_redis).await;
     let api = Api::new(&cluster.node(0).base);
     let (ada, bob) = (api.register("ada").await, api.register("bob").await);
     let room = api.create_room(&ada, "presence").await;
@@ -624,6 +636,9 @@ async fn an_ai_answer_runs_once_and_streams_to_members_on_every_node() {
     let Some(db) = TestDatabase::postgres().await else {
         return;
     };
+    let Some(shared_redis) = common::redis::shared() else {
+        return;
+    };
     let fake = common::fake_llm::FakeLlm::start().await;
     let parts: Vec<String> = (0..40).map(|i| format!("token{i} ")).collect();
     let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
@@ -631,7 +646,7 @@ async fn an_ai_answer_runs_once_and_streams_to_members_on_every_node() {
     let mut cluster = Cluster::start_with(
         db,
         3,
-        "redis://127.0.0.1:6379/",
+        shared_redis,
         &[
             ("AI_BASE_URL", &fake.base_url()),
             ("AI_MODEL", "fake-model"),
@@ -710,6 +725,9 @@ async fn an_answer_whose_node_dies_is_ended_as_agent_lost_by_another_node() {
     let Some(db) = TestDatabase::postgres().await else {
         return;
     };
+    let Some(shared_redis) = common::redis::shared() else {
+        return;
+    };
     let fake = common::fake_llm::FakeLlm::start().await;
     fake.push(
         common::fake_llm::Script::stream()
@@ -720,7 +738,7 @@ async fn an_answer_whose_node_dies_is_ended_as_agent_lost_by_another_node() {
     let mut cluster = Cluster::start_with(
         db,
         2,
-        "redis://127.0.0.1:6379/",
+        shared_redis,
         &[
             ("AI_BASE_URL", &fake.base_url()),
             ("AI_MODEL", "fake-model"),

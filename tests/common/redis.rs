@@ -70,3 +70,18 @@ pub fn reachable(port: u16) -> bool {
     std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(1))
         .is_ok()
 }
+
+/// The shared Redis on 6379, or `None` (the test is skipped, and says so) when it is not there
+/// outside CI. In CI a missing Redis is a failure.
+pub fn shared() -> Option<&'static str> {
+    if reachable(6379) {
+        return Some("redis://127.0.0.1:6379/");
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "Redis is required in CI on 127.0.0.1:6379"
+    );
+    let test = std::thread::current().name().unwrap_or("a test").to_owned();
+    eprintln!("SKIPPED (no Redis on 127.0.0.1:6379): {test}");
+    None
+}
