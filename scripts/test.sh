@@ -34,6 +34,11 @@ trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
 skipped="$(grep -c '^SKIPPED' "$log" || true)"
 if [ "$skipped" != "0" ]; then
-    echo "== $skipped Postgres test(s) SKIPPED (no PostgreSQL reachable):"
+    echo "== $skipped test(s) SKIPPED (PostgreSQL or Redis not reachable):"
     grep '^SKIPPED' "$log" | sort | uniq
 fi
+
+# One closing line for the whole run (cargo's own last line is the doc-tests of the last crate).
+passed="$(grep -E '^test result:' "$log" | awk '{s += $4} END {print s + 0}')"
+failed="$(grep -E '^test result:' "$log" | awk '{s += $6} END {print s + 0}')"
+echo "tests: $passed passed, $failed failed"
