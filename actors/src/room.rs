@@ -430,6 +430,15 @@ impl Room {
         users
     }
 
+    /// Whether another node's snapshot has the user online (then a change of the user's
+    /// sessions here changes nothing anyone sees). A session joining or leaving changes only its
+    /// own user's state, so this check replaces diffing the whole online list.
+    fn online_on_other_nodes(&self, user: &UserId) -> bool {
+        self.remote_online
+            .values()
+            .any(|(snapshot, _)| snapshot.iter().any(|who| who.id == *user))
+    }
+
     /// Emits `presence` frames for every user whose online state differs between two views.
     fn announce_presence_changes(
         &self,
@@ -730,11 +739,12 @@ impl Handler<Join> for Room {
             .insert(msg.session, msg.user.clone())
             .is_none()
         {
-            let before = self.online_users();
             let count = self.online.entry(msg.user.clone()).or_insert(0);
             *count += 1;
             if *count == 1 {
-                self.announce_presence_changes(&before, &self.online_users());
+                if !self.online_on_other_nodes(&msg.user) {
+                    self.broadcast_presence(self.user_ref(&msg.user), Presence::Online);
+                }
                 self.publish_presence();
             }
         }
@@ -770,12 +780,13 @@ impl Handler<Leave> for Room {
         let Some(user) = self.sessions.remove(&msg.session) else {
             return;
         };
-        let before = self.online_users();
         if let Some(count) = self.online.get_mut(&user) {
             *count -= 1;
             if *count == 0 {
                 self.online.remove(&user);
-                self.announce_presence_changes(&before, &self.online_users());
+                if !self.online_on_other_nodes(&user) {
+                    self.broadcast_presence(self.user_ref(&user), Presence::Offline);
+                }
                 self.publish_presence();
             }
         }
