@@ -56,6 +56,22 @@ fn throttle(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
     }
 }
 
+/// Runs password hashing or verification on the blocking pool, at most one per core at once
+/// (argon2id takes 19 MiB and tens of milliseconds each).
+async fn hashing<T: Send + 'static>(
+    state: &AppState,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    let _permit = state
+        .hashing
+        .acquire()
+        .await
+        .map_err(|_| ApiError::new(ErrorCode::Internal, "hashing is closed"))?;
+    web::block(work)
+        .await
+        .map_err(|_| ApiError::new(ErrorCode::Internal, "hashing was interrupted"))
+}
+
 pub async fn register(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -81,14 +97,8 @@ pub async fn register(
         )));
     }
     let password = body.password;
-    let _permit = state
-        .hashing
-        .acquire()
-        .await
-        .map_err(|_| ApiError::new(ErrorCode::Internal, "hashing is closed"))?;
-    let hash = web::block(move || hash_password(&password))
-        .await
-        .map_err(|_| ApiError::new(ErrorCode::Internal, "hashing was interrupted"))?
+    let hash = hashing(&state, move || hash_password(&password))
+        .await?
         .map_err(|error| ApiError::new(ErrorCode::Internal, error))?;
     let user = state
         .store
@@ -115,14 +125,7 @@ pub async fn login(
         None => (None, dummy_hash().to_owned()),
     };
     let password = body.password;
-    let _permit = state
-        .hashing
-        .acquire()
-        .await
-        .map_err(|_| ApiError::new(ErrorCode::Internal, "hashing is closed"))?;
-    let valid = web::block(move || verify_password(&password, &stored))
-        .await
-        .map_err(|_| ApiError::new(ErrorCode::Internal, "verification was interrupted"))?;
+    let valid = hashing(&state, move || verify_password(&password, &stored)).await?;
     match user {
         Some(user) if valid => {
             let token = issue(&state, &user.id, &user.display_name)?;
