@@ -13,7 +13,7 @@ use cochat_actors::ports::Store;
 use cochat_actors::registry::RoomRegistry;
 use tokio::sync::watch;
 
-use crate::auth::TokenKeys;
+use crate::auth::{Hasher, TokenKeys};
 use crate::metrics::Metrics;
 use crate::rate::KeyedLimiter;
 use crate::settings::Settings;
@@ -30,9 +30,9 @@ pub struct AppState {
     pub drain: watch::Sender<Option<Duration>>,
     /// HTTP writes and auth attempts, per caller.
     pub http_limiter: KeyedLimiter,
-    /// Password hashes computed at once (argon2id takes 19 MiB and tens of ms each): bounds the
-    /// memory and CPU a burst of sign-ups or log-ins can take.
-    pub hashing: tokio::sync::Semaphore,
+    /// Password hashing threads, one per core (argon2id takes 19 MiB and tens of ms each): bounds
+    /// the memory and CPU a burst of sign-ups or log-ins can take.
+    pub hashing: Hasher,
     next_session: AtomicU64,
 }
 
@@ -59,7 +59,7 @@ impl AppState {
             metrics,
             drain: watch::channel(None).0,
             http_limiter,
-            hashing: tokio::sync::Semaphore::new(
+            hashing: Hasher::new(
                 std::thread::available_parallelism().map_or(2, |cores| cores.get()),
             ),
             next_session: AtomicU64::new(1),

@@ -56,20 +56,17 @@ fn throttle(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
     }
 }
 
-/// Runs password hashing or verification on the blocking pool, at most one per core at once
+/// Runs password hashing or verification on the hashing threads, at most one per core at once
 /// (argon2id takes 19 MiB and tens of milliseconds each).
 async fn hashing<T: Send + 'static>(
     state: &AppState,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ApiError> {
-    let _permit = state
+    state
         .hashing
-        .acquire()
+        .run(work)
         .await
-        .map_err(|_| ApiError::new(ErrorCode::Internal, "hashing is closed"))?;
-    web::block(work)
-        .await
-        .map_err(|_| ApiError::new(ErrorCode::Internal, "hashing was interrupted"))
+        .map_err(|error| ApiError::new(ErrorCode::Internal, error.to_string()))
 }
 
 pub async fn register(
