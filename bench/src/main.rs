@@ -517,12 +517,28 @@ async fn send_loop(
             }
         }
     } else {
-        let mut ticker = tokio::time::interval(Duration::from_millis(5));
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        while !failed && Instant::now() < deadline {
+        // Open loop at the sender's rate, and staggered: sender `global` of S starts `global / S`
+        // of an interval late, so the S senders together send evenly spaced messages at the total
+        // rate. (Started in step, they sent S messages at the same instant: bursts that the
+        // server and this generator queue, which measured as a latency floor of ~150 ms.)
+        let interval = 1.0 / plan.rate_per_sender;
+        let phase = interval * global as f64 / plan.senders.len().max(1) as f64;
+        let due_by = |elapsed: f64| -> u64 {
+            if elapsed < phase {
+                0
+            } else {
+                ((elapsed - phase) / interval) as u64 + 1
+            }
+        };
+        while !failed {
+            let next_at = start + Duration::from_secs_f64(phase + n as f64 * interval);
+            if next_at >= deadline {
+                break;
+            }
             tokio::select! {
-                _ = ticker.tick() => {
-                    let due = (start.elapsed().as_secs_f64() * plan.rate_per_sender) as u64;
+                _ = tokio::time::sleep_until(next_at.into()) => {
+                    // Everything due by now: more than one only if this task was late.
+                    let due = due_by(start.elapsed().as_secs_f64());
                     while n < due && Instant::now() < deadline {
                         n += 1;
                         if sink.feed(send_one(n)).await.is_err() { failed = true; break; }
