@@ -20,7 +20,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::Actor;
-use actix_web::{web, App, HttpServer};
+use actix_http::HttpService;
+use actix_service::{map_config, IntoServiceFactory as _, ServiceFactoryExt as _};
+use actix_web::dev::AppConfig;
+use actix_web::{web, App};
 use anyhow::Context as _;
 use cochat_actors::agent::{AiDeps, TriggerLimiter};
 use cochat_actors::commit::{Committer, CommitterConfig};
@@ -126,23 +129,43 @@ pub async fn run_until(
         .context("reading the listener's address")?;
     let body_limit = settings.limits.http_body_bytes;
     let app_state = state.clone();
-    let mut server = HttpServer::new(move || {
-        App::new()
-            .app_data(app_state.clone())
-            .configure(|cfg| http::routes(cfg, body_limit))
-    })
-    // Chat frames are small and latency matters: no Nagle delay on sockets.
-    .tcp_nodelay(true)
-    // We drain ourselves on SIGTERM (readiness first, sockets closed over a window).
-    .disable_signals()
-    .shutdown_timeout(settings.drain_window.as_secs() + 10)
-    .listen(listener)
-    .context("listening")?;
+    // Told to idle keep-alive connections when the server stops, so they close at once instead
+    // of holding the shutdown until their keep-alive runs out (what `HttpServer` does too).
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let stopping_signal = stopping.clone();
+    let mut server = actix_server::Server::build()
+        // We drain ourselves on SIGTERM (readiness first, sockets closed over a window).
+        .disable_signals()
+        .shutdown_timeout(settings.drain_window.as_secs() + 10);
     if settings.workers > 0 {
         server = server.workers(settings.workers);
     }
+    // actix-web's `HttpServer`, built by hand for one addition: WebSocket upgrades go to
+    // `ws::upgrade_service`, which runs them on the bare TCP stream (see `ws/transport.rs`).
+    let server = server
+        .listen("cochat", listener, move || {
+            let app = App::new()
+                .app_data(app_state.clone())
+                .configure(|cfg| http::routes(cfg, body_limit))
+                .into_factory()
+                .map_err(|error: actix_web::Error| error.error_response());
+            let stopping = stopping_signal.clone();
+            HttpService::build()
+                // Chat frames are small and latency matters: no Nagle delay on sockets.
+                .tcp_nodelay(true)
+                .local_addr(address)
+                .graceful_shutdown_signal(move || {
+                    let stopping = stopping.clone();
+                    async move { stopping.notified().await }
+                })
+                .upgrade(ws::upgrade_service(app_state.clone()))
+                .finish(map_config(app, move |_| AppConfig::default()))
+                .tcp()
+        })
+        .context("listening")?;
     let server = server.run();
     let handle = server.handle();
+    let handle = ServerHandle { handle, stopping };
     let serving = actix_web::rt::spawn(server);
     tracing::info!(%address, node = %settings.node_id, store = %store::redact_url(&store_url), "cochat is serving");
 
@@ -153,9 +176,15 @@ pub async fn run_until(
     Ok(())
 }
 
+struct ServerHandle {
+    handle: actix_server::ServerHandle,
+    /// Wakes idle keep-alive connections so they close when the server stops.
+    stopping: Arc<tokio::sync::Notify>,
+}
+
 /// Readiness goes false at once; sockets close with 1012 at random points over the drain window
 /// so their reconnects spread over the other nodes; writes in flight commit; then the server stops.
-async fn drain(state: &AppState, handle: &actix_web::dev::ServerHandle) {
+async fn drain(state: &AppState, handle: &ServerHandle) {
     let window = state.settings.drain_window;
     tracing::info!(?window, "draining");
     state.metrics.draining.set(1);
@@ -170,7 +199,8 @@ async fn drain(state: &AppState, handle: &actix_web::dev::ServerHandle) {
             "writes still in flight at shutdown"
         );
     }
-    handle.stop(true).await;
+    handle.stopping.notify_waiters();
+    handle.handle.stop(true).await;
 }
 
 async fn shutdown_signal() {

@@ -26,7 +26,12 @@ impl AuthUser {
 
 /// The bearer token of a request, if it has one.
 pub fn bearer_token(req: &HttpRequest) -> Option<String> {
-    let header = req.headers().get(actix_web::http::header::AUTHORIZATION)?;
+    bearer_token_in(req.headers())
+}
+
+/// The bearer token in `Authorization`, if there is one.
+pub fn bearer_token_in(headers: &actix_web::http::header::HeaderMap) -> Option<String> {
+    let header = headers.get(actix_web::http::header::AUTHORIZATION)?;
     let value = header.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme

@@ -5,7 +5,7 @@ mod hasher;
 mod password;
 mod tokens;
 
-pub use extract::{bearer_token, AuthUser};
+pub use extract::{bearer_token, bearer_token_in, AuthUser};
 pub use hasher::{Hasher, HasherError};
 pub use password::{hash_password, verify_password};
 pub use tokens::{load_or_generate_secret, Claims, TokenKeys};
