@@ -47,7 +47,10 @@ async fn read_head(stream: &mut TcpStream) -> (String, Vec<u8>) {
             .await
             .expect("the server answers within 10 s")
             .expect("reading the answer");
-        assert!(n > 0, "connection closed before a full HTTP head: {bytes:?}");
+        assert!(
+            n > 0,
+            "connection closed before a full HTTP head: {bytes:?}"
+        );
         bytes.extend_from_slice(&chunk[..n]);
     }
 }
@@ -67,7 +70,9 @@ async fn next_server_text(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Value
         if buffer.len() >= 2 {
             let opcode = buffer[0] & 0x0f;
             let (len, start) = match buffer[1] & 0x7f {
-                126 if buffer.len() >= 4 => (u16::from_be_bytes([buffer[2], buffer[3]]) as usize, 4),
+                126 if buffer.len() >= 4 => {
+                    (u16::from_be_bytes([buffer[2], buffer[3]]) as usize, 4)
+                }
                 126 => (usize::MAX, 0),
                 127 => panic!("no frame here is that large"),
                 n => (n as usize, 2),

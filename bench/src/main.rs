@@ -1098,15 +1098,19 @@ async fn reconnect(args: &Args) -> Result<Value> {
     // The marker seq per room, published once the writer's post-kill message is acked.
     let (marker_tx, marker_rx) = tokio::sync::watch::channel::<Option<(Instant, Vec<i64>)>>(None);
     let (up_tx, mut up_rx) = mpsc::unbounded_channel::<Result<()>>();
+    // The first connections are set-up, not the measurement: 64 in flight, as in the other
+    // scenarios. (The reconnections after the kill are not limited: that storm is the point.)
+    let first_connects = Arc::new(tokio::sync::Semaphore::new(64));
 
     for c in 0..conns {
-        let (tokens, room_ids, nodes, clients, mut marker_rx, up_tx) = (
+        let (tokens, room_ids, nodes, clients, mut marker_rx, up_tx, first_connects) = (
             tokens.clone(),
             room_ids.clone(),
             nodes.clone(),
             clients.clone(),
             marker_rx.clone(),
             up_tx.clone(),
+            first_connects.clone(),
         );
         tokio::spawn(async move {
             let room_index = c % room_ids.len();
@@ -1119,12 +1123,18 @@ async fn reconnect(args: &Args) -> Result<Value> {
             let mut backoff = Duration::from_millis(20);
             loop {
                 let url = net::cochat_ws_url(&nodes[node], &token);
+                let permit = if first {
+                    first_connects.clone().acquire_owned().await.ok()
+                } else {
+                    None
+                };
                 let connected = async {
                     let mut ws = net::open_ws(&url, src).await?;
                     let head = net::cochat_subscribe(&mut ws, &room, last_seq).await?;
                     Ok::<_, anyhow::Error>((ws, head))
                 }
                 .await;
+                drop(permit);
                 let (mut ws, head) = match connected {
                     Ok(x) => x,
                     Err(e) => {
