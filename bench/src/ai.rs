@@ -255,14 +255,22 @@ pub async fn worker(plan: Arc<Plan>, index: usize, count: usize) -> Result<()> {
     let n_receivers = receivers.len();
     let answers = plan.ai_answers;
 
-    let (sockets, handshake, errors, first_error, wall) =
-        connect_all(&plan, index, receivers, true, 0).await;
-    let connected = sockets.len();
-    for (_spec, ws) in sockets {
+    let spawn_member = |_spec: ConnSpec, ws: Ws| {
         tokio::spawn(member(ws, answers, stats.clone()));
-    }
-    let (sender_sockets, _, sender_errors, sender_error, _) =
-        connect_all(&plan, index, senders.clone(), false, n_receivers).await;
+        None
+    };
+    let (_, handshake, errors, first_error, wall) =
+        connect_all(&plan, index, receivers, true, 0, spawn_member).await;
+    let connected = handshake.len() as usize;
+    let (sender_sockets, _, sender_errors, sender_error, _) = connect_all(
+        &plan,
+        index,
+        senders.clone(),
+        false,
+        n_receivers,
+        |spec, ws| Some((spec, ws)),
+    )
+    .await;
     let ready = json!({
         "receivers": connected, "receiver_errors": errors, "connect_wall_s": wall,
         "handshake": handshake.to_pairs(), "first_error": first_error.or(sender_error),

@@ -292,23 +292,31 @@ async fn connect(plan: &Plan, spec: &ConnSpec, src: Ipv4Addr, join: bool) -> Res
     Ok(ws)
 }
 
-/// Opens `specs` (global index, spec) with bounded concurrency; returns the sockets, the
-/// handshake histogram, the errors and the wall time.
+/// Opens `specs` (global index, spec) with bounded concurrency; returns the sockets `keep`
+/// returned (it is given each one as soon as it is open), the handshake histogram, the errors and
+/// the wall time.
+///
+/// Receivers are handed to their reading task as they open, not after the last one: a socket
+/// nobody reads while thousands more connect misses the server's pings (Socket.IO closes it after
+/// 45 s) and counts as idle when it is not.
 async fn connect_all(
     plan: &Arc<Plan>,
     index: usize,
     specs: Vec<(usize, ConnSpec)>,
     join: bool,
     offset: usize,
+    keep: impl Fn(ConnSpec, Ws) -> Option<(ConnSpec, Ws)>,
 ) -> (Vec<(ConnSpec, Ws)>, Hist, u64, Option<String>, f64) {
     let start = Instant::now();
+    let keep = &keep;
     let results: Vec<_> = stream::iter(specs.into_iter().enumerate())
         .map(|(local, (_global, spec))| {
             let plan = plan.clone();
             async move {
                 let t = Instant::now();
                 let ws = connect(&plan, &spec, source_ip(index, local + offset), join).await;
-                (spec, ws, t.elapsed())
+                let took = t.elapsed();
+                (ws.map(|ws| keep(spec, ws)), took)
             }
         })
         .buffer_unordered(plan.connect_concurrency.max(1))
@@ -319,11 +327,11 @@ async fn connect_all(
     let mut sockets = Vec::new();
     let mut errors = 0;
     let mut first_error = None;
-    for (spec, ws, took) in results {
-        match ws {
-            Ok(ws) => {
+    for (opened, took) in results {
+        match opened {
+            Ok(kept) => {
                 hist.record_us(took.as_micros() as u64);
-                sockets.push((spec, ws));
+                sockets.extend(kept);
             }
             Err(e) => {
                 errors += 1;
@@ -347,14 +355,23 @@ async fn worker(plan: Arc<Plan>, index: usize, count: usize) -> Result<()> {
     let senders = mine(&plan.senders);
     let n_receivers = receivers.len();
 
-    let (sockets, handshake, errors, first_error, wall) =
-        connect_all(&plan, index, receivers, true, 0).await;
-    let connected = sockets.len();
-    for (spec, ws) in sockets {
-        tokio::spawn(receive(ws, plan.target, spec.node, stats.clone()));
-    }
-    let (sender_sockets, _, sender_errors, sender_error, _) =
-        connect_all(&plan, index, senders.clone(), false, n_receivers).await;
+    let target = plan.target;
+    let spawn_receiver = |spec: ConnSpec, ws: Ws| {
+        tokio::spawn(receive(ws, target, spec.node, stats.clone()));
+        None
+    };
+    let (_, handshake, errors, first_error, wall) =
+        connect_all(&plan, index, receivers, true, 0, spawn_receiver).await;
+    let connected = handshake.len() as usize;
+    let (sender_sockets, _, sender_errors, sender_error, _) = connect_all(
+        &plan,
+        index,
+        senders.clone(),
+        false,
+        n_receivers,
+        |spec, ws| Some((spec, ws)),
+    )
+    .await;
     let ready = json!({
         "receivers": connected, "receiver_errors": errors, "connect_wall_s": wall,
         "handshake": handshake.to_pairs(), "first_error": first_error.or(sender_error),
