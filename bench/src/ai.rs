@@ -14,15 +14,14 @@ use anyhow::{bail, Result};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::io::AsyncBufReadExt;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::fakellm::token_times;
 use crate::net::{self, now_nanos, Target, Ws};
 use crate::stats::Hist;
 use crate::{
-    cochat_setup, connect_all, merged, ready_summary, round3, rss_of, sum, Args, ConnSpec, Plan,
-    Workers,
+    cochat_setup, merged, open_and_wait_for_go, ready_summary, round3, rss_of, sum, Args, ConnSpec,
+    Plan, Workers,
 };
 
 #[derive(Default)]
@@ -243,53 +242,14 @@ async fn asker(ws: Ws, room: String, global: usize, answers: usize, stats: Share
 /// The worker process's side (`plan.ai_answers > 0`).
 pub async fn worker(plan: Arc<Plan>, index: usize, count: usize) -> Result<()> {
     let stats: Shared = Arc::new(Mutex::new(AiStats::default()));
-    let mine = |list: &[ConnSpec]| -> Vec<(usize, ConnSpec)> {
-        list.iter()
-            .copied()
-            .enumerate()
-            .filter(|(i, _)| i % count == index)
-            .collect()
-    };
-    let receivers = mine(&plan.receivers);
-    let senders = mine(&plan.senders);
-    let n_receivers = receivers.len();
     let answers = plan.ai_answers;
-
-    let spawn_member = |_spec: ConnSpec, ws: Ws| {
+    let (senders, connected) = open_and_wait_for_go(&plan, index, count, |_spec, ws| {
         tokio::spawn(member(ws, answers, stats.clone()));
-        None
-    };
-    let (_, handshake, errors, first_error, wall) =
-        connect_all(&plan, index, receivers, true, 0, spawn_member).await;
-    let connected = handshake.len() as usize;
-    let (sender_sockets, _, sender_errors, sender_error, _) = connect_all(
-        &plan,
-        index,
-        senders.clone(),
-        false,
-        n_receivers,
-        |spec, ws| Some((spec, ws)),
-    )
-    .await;
-    let ready = json!({
-        "receivers": connected, "receiver_errors": errors, "connect_wall_s": wall,
-        "handshake": handshake.to_pairs(), "first_error": first_error.or(sender_error),
-        "senders": sender_sockets.len(), "sender_errors": sender_errors,
-    });
-    println!("READY {ready}");
-
-    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-    loop {
-        match stdin.next_line().await? {
-            Some(line) if line.trim() == "GO" => break,
-            Some(_) => continue,
-            None => bail!("parent went away"),
-        }
-    }
+    })
+    .await?;
     let deadline = Instant::now() + Duration::from_secs_f64(plan.duration_s);
     let cpu_at_go = cpu_seconds(std::process::id());
-    let sender_ids: Vec<usize> = senders.iter().map(|(i, _)| *i).collect();
-    for ((spec, ws), global) in sender_sockets.into_iter().zip(sender_ids) {
+    for (global, spec, ws) in senders {
         tokio::spawn(asker(
             ws,
             plan.rooms[spec.room].clone(),

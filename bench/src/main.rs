@@ -342,8 +342,16 @@ async fn connect_all(
     (sockets, hist, errors, first_error, wall)
 }
 
-async fn worker(plan: Arc<Plan>, index: usize, count: usize) -> Result<()> {
-    let stats: Shared = Arc::new(Mutex::new(Stats::default()));
+/// A worker process's set-up, shared by every scenario's worker: opens its share of the
+/// receivers (each handed to `on_receiver` as soon as it is open) and of the senders, reports
+/// `READY` to the parent and waits for `GO`. Returns the senders with their global indexes.
+/// The second value is how many receivers are open.
+async fn open_and_wait_for_go(
+    plan: &Arc<Plan>,
+    index: usize,
+    count: usize,
+    on_receiver: impl Fn(ConnSpec, Ws),
+) -> Result<(Vec<(usize, ConnSpec, Ws)>, usize)> {
     let mine = |list: &[ConnSpec]| -> Vec<(usize, ConnSpec)> {
         list.iter()
             .copied()
@@ -355,16 +363,15 @@ async fn worker(plan: Arc<Plan>, index: usize, count: usize) -> Result<()> {
     let senders = mine(&plan.senders);
     let n_receivers = receivers.len();
 
-    let target = plan.target;
-    let spawn_receiver = |spec: ConnSpec, ws: Ws| {
-        tokio::spawn(receive(ws, target, spec.node, stats.clone()));
+    let spawn = |spec: ConnSpec, ws: Ws| {
+        on_receiver(spec, ws);
         None
     };
     let (_, handshake, errors, first_error, wall) =
-        connect_all(&plan, index, receivers, true, 0, spawn_receiver).await;
+        connect_all(plan, index, receivers, true, 0, spawn).await;
     let connected = handshake.len() as usize;
     let (sender_sockets, _, sender_errors, sender_error, _) = connect_all(
-        &plan,
+        plan,
         index,
         senders.clone(),
         false,
@@ -387,9 +394,24 @@ async fn worker(plan: Arc<Plan>, index: usize, count: usize) -> Result<()> {
             None => bail!("parent went away"),
         }
     }
+    // Each open sender gets a distinct global index (its message ids and send phase).
+    let senders = sender_sockets
+        .into_iter()
+        .zip(senders)
+        .map(|((spec, ws), (global, _))| (global, spec, ws))
+        .collect();
+    Ok((senders, connected))
+}
+
+async fn worker(plan: Arc<Plan>, index: usize, count: usize) -> Result<()> {
+    let stats: Shared = Arc::new(Mutex::new(Stats::default()));
+    let target = plan.target;
+    let (senders, _) = open_and_wait_for_go(&plan, index, count, |spec, ws| {
+        tokio::spawn(receive(ws, target, spec.node, stats.clone()));
+    })
+    .await?;
     let deadline = Instant::now() + Duration::from_secs_f64(plan.duration_s);
-    let sender_ids: Vec<usize> = senders.iter().map(|(i, _)| *i).collect();
-    for ((spec, ws), global) in sender_sockets.into_iter().zip(sender_ids) {
+    for (global, spec, ws) in senders {
         tokio::spawn(send_loop(
             ws,
             plan.clone(),
