@@ -13,7 +13,7 @@
 # dir, or a Postgres database created for the run and dropped after), a private redis-server on a
 # free port, the Socket.IO peer (node), the fake AI provider (cochat-bench fake-llm). Environment:
 # BENCH_POSTGRES_URL (admin URL, default postgres://postgres@127.0.0.1:5432/postgres),
-# BENCH_SCENARIOS (a subset of "idle fanout durable cluster ai"), BENCH_NO_BUILD=1.
+# BENCH_SCENARIOS (a subset of "idle fanout durable cluster ai floor"), BENCH_NO_BUILD=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,9 +28,9 @@ esac
 
 PG_ADMIN_URL="${BENCH_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 
-# BENCH_SCENARIOS="ai" (or any of: idle fanout durable cluster ai; cluster includes reconnect) runs
+# BENCH_SCENARIOS="ai" (or any of: idle fanout durable cluster ai floor; cluster includes reconnect) runs
 # only those; the default is all of them.
-ALL_SCENARIOS="idle fanout durable cluster ai"
+ALL_SCENARIOS="idle fanout durable cluster ai floor"
 SCENARIOS="${BENCH_SCENARIOS:-$ALL_SCENARIOS}"
 want() { [[ " $SCENARIOS " == *" $1 "* ]]; }
 
@@ -175,13 +175,17 @@ if [ "$MODE" = smoke ]; then
     DUR_CONNS=4 DUR_WINDOW=2 DUR_DURATION=2
     CL_RATES="40" RC_CONNS=30 RC_TIMEOUT=30
     AI_MEMBERS="5" AI_ROOMS=1 AI_ANSWERS=2 AI_TOKENS=10 AI_WORKERS=1
+    FLOOR_FAN_RATES="40" FLOOR_DURATION=2 PGF_DURATION=2
 else
     IDLE_CONNS="${BENCH_IDLE_CONNS:-19500}" IDLE_WORKERS=2 IDLE_HOLD=10
     FAN_ROOMS=20 FAN_MEMBERS=500 FAN_SENDERS=20 FAN_RATES="${BENCH_FAN_RATES:-50 100 150 250 1000 2000}" FAN_DURATION=10 FAN_WORKERS=2
     DUR_CONNS=64 DUR_WINDOW=8 DUR_DURATION=15
     CL_RATES="${BENCH_CL_RATES:-250 1000}" RC_CONNS=3000 RC_TIMEOUT=60
     AI_MEMBERS="${BENCH_AI_MEMBERS:-10 100 1000}" AI_ROOMS=1 AI_ANSWERS=10 AI_TOKENS=100 AI_WORKERS=2
+    # Beyond 500 msgs/s the floor server falls minutes behind: nothing more to learn there.
+    FLOOR_FAN_RATES="${BENCH_FLOOR_FAN_RATES:-50 100 150 200 250 300 500}" FLOOR_DURATION=10 PGF_DURATION=15
 fi
+PGF_CLIENTS=4 PGF_BATCH=250 # the Postgres floor: transactions in flight, messages per transaction
 AI_RATE=50 # tokens/s from the fake provider
 
 # run.json describes a run of every scenario; a partial run writes run-<scenarios>.json instead.
@@ -342,6 +346,60 @@ for M in $AI_MEMBERS; do
     stop_pid "$STARTED_PID"
 done
 stop_pid "$FAKE_PID"
+fi
+
+# ------------------------------------------------------------------------------------------
+# floor: what this machine gives any server. The fanout and ai shapes against a do-nothing
+# WebSocket server (one write per delivery, no work), and Postgres alone running the durable
+# scenario's append statements (bench/postgres-floor.sql under pgbench).
+postgres_cpu_ticks() { # user + system ticks of every Postgres process, exited backends included
+    local p
+    for p in $(pgrep -u postgres); do awk '{print $14 + $15 + $16 + $17}' "/proc/$p/stat" 2>/dev/null; done |
+        awk '{s += $1} END {print s + 0}'
+}
+postgres_floor() {
+    local dir="$WORK/postgres-floor" before after
+    mkdir -p "$dir"
+    create_db
+    for f in sql/postgres/*.sql; do psql "$DB" -q -v ON_ERROR_STOP=1 -f "$f" >/dev/null; done
+    psql "$DB" -q -v ON_ERROR_STOP=1 -c "CREATE SEQUENCE floor_batches" \
+        -c "INSERT INTO rooms (id, name, created_by, created_at) SELECT 'r_floor_' || i, 'floor', 'u_floor', 0 FROM generate_series(1, 64) i" >/dev/null
+    note "floor: postgres alone, $PGF_CLIENTS transactions of $PGF_BATCH messages in flight, ${PGF_DURATION}s"
+    before="$(postgres_cpu_ticks)"
+    (cd "$dir" && pgbench -n -c "$PGF_CLIENTS" -j 1 -T "$PGF_DURATION" -D batch="$PGF_BATCH" -l \
+        -f "$OLDPWD/bench/postgres-floor.sql" "$DB" >pgbench.txt 2>&1) || { cat "$dir/pgbench.txt" >&2; return 1; }
+    sleep 1 # backends that just exited are reaped and counted
+    after="$(postgres_cpu_ticks)"
+    cat "$dir"/pgbench_log.* | awk '{print $3}' | sort -n >"$dir/latency_us"
+    awk -v ticks="$((after - before))" -v batch="$PGF_BATCH" -v secs="$PGF_DURATION" \
+        -v clients="$PGF_CLIENTS" -v date="$(date -u +%Y-%m-%dT%H:%M:%SZ)" '
+        { lat[NR] = $1 }
+        END {
+            n = NR; msgs = n * batch; cpu = ticks / 100
+            p50 = lat[int(n * 0.50) + 1] / 1000; p99 = lat[int(n * 0.99) + 1] / 1000
+            printf "{\n  \"scenario\": \"floor-postgres\",\n  \"date_utc\": \"%s\",\n", date
+            printf "  \"params\": {\"clients\": %d, \"messages_per_transaction\": %d, \"duration_s\": %d},\n", clients, batch, secs
+            printf "  \"results\": {\"transactions\": %d, \"messages_per_s\": %.0f, \"transaction_p50_ms\": %.1f, \"transaction_p99_ms\": %.1f, ", n, msgs / secs, p50, p99
+            printf "\"postgres_cpu_s\": %.2f, \"postgres_cpu_us_per_message\": %.1f}\n}\n", cpu, (msgs > 0 ? cpu * 1e6 / msgs : 0)
+        }' "$dir/latency_us" >"$OUT/floor-postgres.json"
+    cat "$OUT/floor-postgres.json" >&2
+}
+if want floor; then
+for RATE in $FLOOR_FAN_RATES; do
+    note "floor: fanout shape, $RATE msgs/s"
+    run "floor-fanout-r$RATE.json" floor --conns "$((FAN_ROOMS * FAN_MEMBERS))" --rooms "$FAN_ROOMS" --rate "$RATE" \
+        --duration "$FLOOR_DURATION" --workers "$FAN_WORKERS" --label "do-nothing server, fanout shape"
+done
+for M in $AI_MEMBERS; do
+    note "floor: ai shape, rooms of $M members, $AI_RATE deltas/s"
+    run "floor-ai-m$M.json" floor --conns "$M" --rooms 1 --rate "$AI_RATE" \
+        --duration "$((FLOOR_DURATION * 2))" --workers "$AI_WORKERS" --label "do-nothing server, ai shape"
+done
+if [ "$HAVE_PG" = 1 ] && command -v pgbench >/dev/null; then
+    postgres_floor
+else
+    skip "the Postgres floor (needs Postgres at $PG_ADMIN_URL and pgbench)"
+fi
 fi
 
 note "results in $OUT/"

@@ -16,6 +16,7 @@
 
 mod ai;
 mod fakellm;
+mod floor;
 mod net;
 mod stats;
 
@@ -44,6 +45,8 @@ const USAGE: &str = "usage:
   cochat-bench reconnect --nodes A,B[,..] --victim-pid PID [--signal KILL|TERM] --conns N [--rate MSGS_PER_S]
   cochat-bench ai        --nodes HOST:PORT --members M [--rooms R] [--answers A] [--tokens N] [--rate TOKENS_PER_S]
                          [--workers K] [--users U] [--server-pid PID] [--timeout S]
+  cochat-bench floor     --conns N --rooms R --rate MSGS_PER_S [--duration S] [--workers K]
+                         (a do-nothing WebSocket server writing the fanout schedule: this machine's floor)
   cochat-bench fake-llm  --listen 127.0.0.1:PORT [--tokens N] [--rate TOKENS_PER_S]   (runs until killed)
   common: --out FILE.json  --label TEXT  --text-bytes 100
   cochat-bench free-port";
@@ -65,6 +68,8 @@ fn main() -> Result<()> {
             }
             runtime.block_on(worker(Arc::new(plan), index, count))
         }
+        "__floor-server" => floor::server(&argv[2..]),
+        "__floor-reader" => floor::reader(&argv[2..]),
         "fake-llm" => {
             let args = Args::parse(&argv[2..])?;
             let listen = args.str("listen", "127.0.0.1:0");
@@ -80,7 +85,7 @@ fn main() -> Result<()> {
             println!("{}", listener.local_addr()?.port());
             Ok(())
         }
-        "idle" | "fanout" | "durable" | "reconnect" | "ai" => {
+        "idle" | "fanout" | "durable" | "reconnect" | "ai" | "floor" => {
             let args = Args::parse(&argv[2..])?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -92,6 +97,7 @@ fn main() -> Result<()> {
                     "fanout" => fanout(&args).await,
                     "durable" => durable(&args).await,
                     "ai" => ai::run(&args).await,
+                    "floor" => floor::run(&args).await,
                     _ => reconnect(&args).await,
                 }
             })?;
