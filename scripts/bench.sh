@@ -13,7 +13,7 @@
 # dir, or a Postgres database created for the run and dropped after), a private redis-server on a
 # free port, the Socket.IO peer (node), the fake AI provider (cochat-bench fake-llm). Environment:
 # BENCH_POSTGRES_URL (admin URL, default postgres://postgres@127.0.0.1:5432/postgres),
-# BENCH_SCENARIOS (a subset of "idle fanout durable cluster ai floor"), BENCH_NO_BUILD=1.
+# BENCH_SCENARIOS (a subset of "idle fanout fanout-busy durable cluster ai floor"), BENCH_NO_BUILD=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,9 +28,9 @@ esac
 
 PG_ADMIN_URL="${BENCH_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 
-# BENCH_SCENARIOS="ai" (or any of: idle fanout durable cluster ai floor; cluster includes reconnect) runs
+# BENCH_SCENARIOS="ai" (or any of: idle fanout fanout-busy durable cluster ai floor; cluster includes reconnect) runs
 # only those; the default is all of them.
-ALL_SCENARIOS="idle fanout durable cluster ai floor"
+ALL_SCENARIOS="idle fanout fanout-busy durable cluster ai floor"
 SCENARIOS="${BENCH_SCENARIOS:-$ALL_SCENARIOS}"
 want() { [[ " $SCENARIOS " == *" $1 "* ]]; }
 
@@ -172,6 +172,7 @@ run() { # OUTFILE ARGS...: runs the generator, keeps its JSON
 if [ "$MODE" = smoke ]; then
     IDLE_CONNS=60 IDLE_WORKERS=2 IDLE_HOLD=1
     FAN_ROOMS=2 FAN_MEMBERS=5 FAN_SENDERS=2 FAN_RATES="40" FAN_DURATION=2 FAN_WORKERS=1
+    FAN_BUSY_ROOMS=1 FAN_BUSY_MEMBERS=5 FAN_BUSY_RATES="40"
     DUR_CONNS=4 DUR_WINDOW=2 DUR_DURATION=2
     CL_RATES="40" RC_CONNS=30 RC_TIMEOUT=30
     AI_MEMBERS="5" AI_ROOMS=1 AI_ANSWERS=2 AI_TOKENS=10 AI_WORKERS=1
@@ -179,6 +180,7 @@ if [ "$MODE" = smoke ]; then
 else
     IDLE_CONNS="${BENCH_IDLE_CONNS:-19500}" IDLE_WORKERS=2 IDLE_HOLD=10
     FAN_ROOMS=20 FAN_MEMBERS=500 FAN_SENDERS=20 FAN_RATES="${BENCH_FAN_RATES:-50 100 150 250 1000 2000}" FAN_DURATION=10 FAN_WORKERS=2
+    FAN_BUSY_ROOMS=2 FAN_BUSY_MEMBERS=500 FAN_BUSY_RATES="${BENCH_FAN_BUSY_RATES:-600 1200}"
     DUR_CONNS=64 DUR_WINDOW=8 DUR_DURATION=15
     CL_RATES="${BENCH_CL_RATES:-250 1000}" RC_CONNS=3000 RC_TIMEOUT=60
     AI_MEMBERS="${BENCH_AI_MEMBERS:-10 100 1000}" AI_ROOMS=1 AI_ANSWERS=10 AI_TOKENS=100 AI_WORKERS=2
@@ -229,24 +231,36 @@ fi
 
 # ------------------------------------------------------------------------------------------
 # fanout, one node (SQLite: the single-node default; Postgres would share the 2 cores too)
-if want fanout; then
-for RATE in $FAN_RATES; do
-    note "fanout: cochat, $RATE msgs/s"
+# fanout_pair NAME ROOMS MEMBERS SENDERS RATE: cochat, then the peer, on that shape and rate.
+fanout_pair() {
+    local name="$1" rooms="$2" members="$3" senders="$4" rate="$5"
+    note "$name: cochat, $rate msgs/s, $rooms rooms x $members members"
     PORT="$(free_port)"
-    start_cochat "fanout-$RATE" "$PORT" "sqlite://$WORK/fanout-$RATE/cochat.db"
-    run "fanout-cochat-r$RATE.json" fanout --target cochat --nodes "127.0.0.1:$PORT" --rooms "$FAN_ROOMS" \
-        --members "$FAN_MEMBERS" --senders "$FAN_SENDERS" --rate "$RATE" --duration "$FAN_DURATION" \
+    start_cochat "$name-$rate" "$PORT" "sqlite://$WORK/$name-$rate/cochat.db"
+    run "$name-cochat-r$rate.json" fanout --target cochat --nodes "127.0.0.1:$PORT" --rooms "$rooms" \
+        --members "$members" --senders "$senders" --rate "$rate" --duration "$FAN_DURATION" \
         --workers "$FAN_WORKERS" --server-pid "$STARTED_PID" --label "sqlite, 1 node"
     stop_pid "$STARTED_PID"
     if [ "$HAVE_PEER" = 1 ]; then
-        note "fanout: socket.io peer, $RATE msgs/s"
+        note "$name: socket.io peer, $rate msgs/s"
         PORT="$(free_port)"
-        start_peer "peer-fanout-$RATE" "$PORT"
-        run "fanout-socketio-r$RATE.json" fanout --target socketio --nodes "127.0.0.1:$PORT" --rooms "$FAN_ROOMS" \
-            --members "$FAN_MEMBERS" --senders "$FAN_SENDERS" --rate "$RATE" --duration "$FAN_DURATION" \
+        start_peer "peer-$name-$rate" "$PORT"
+        run "$name-socketio-r$rate.json" fanout --target socketio --nodes "127.0.0.1:$PORT" --rooms "$rooms" \
+            --members "$members" --senders "$senders" --rate "$rate" --duration "$FAN_DURATION" \
             --workers "$FAN_WORKERS" --server-pid "$STARTED_PID" --label "socket.io + redis adapter, 1 process"
         stop_pid "$STARTED_PID"
     fi
+}
+if want fanout; then
+for RATE in $FAN_RATES; do
+    fanout_pair fanout "$FAN_ROOMS" "$FAN_MEMBERS" "$FAN_SENDERS" "$RATE"
+done
+fi
+# The same with fewer, busier sockets: at 600k deliveries/s each of 1,000 receivers gets a frame
+# every 1.7 ms (each of the 10,000 above, every 17 ms), so frames can share a write.
+if want fanout-busy; then
+for RATE in $FAN_BUSY_RATES; do
+    fanout_pair fanout-busy "$FAN_BUSY_ROOMS" "$FAN_BUSY_MEMBERS" "$FAN_BUSY_ROOMS" "$RATE"
 done
 fi
 
@@ -389,6 +403,11 @@ for RATE in $FLOOR_FAN_RATES; do
     note "floor: fanout shape, $RATE msgs/s"
     run "floor-fanout-r$RATE.json" floor --conns "$((FAN_ROOMS * FAN_MEMBERS))" --rooms "$FAN_ROOMS" --rate "$RATE" \
         --duration "$FLOOR_DURATION" --workers "$FAN_WORKERS" --label "do-nothing server, fanout shape"
+done
+for RATE in $FAN_BUSY_RATES; do
+    note "floor: fanout-busy shape, $RATE msgs/s"
+    run "floor-fanout-busy-r$RATE.json" floor --conns "$((FAN_BUSY_ROOMS * FAN_BUSY_MEMBERS))" --rooms "$FAN_BUSY_ROOMS" \
+        --rate "$RATE" --duration "$FLOOR_DURATION" --workers "$FAN_WORKERS" --label "do-nothing server, fanout-busy shape"
 done
 for M in $AI_MEMBERS; do
     note "floor: ai shape, rooms of $M members, $AI_RATE deltas/s"
