@@ -6,8 +6,9 @@
 //! parsing, storing, routing or serialising. The readers are the generator's own (`open_ws`,
 //! tungstenite, 4 KiB read buffer) in worker processes on the same cores, as in the real
 //! scenarios. The frame carries its *scheduled* send time, so a server that falls behind its
-//! schedule shows it as latency. Whatever latency or rate this floor reaches, a real server on
-//! this machine and generator cannot beat; cochat's numbers are read against it in BENCHMARKS.md.
+//! schedule shows it as latency. A server that writes each frame as it comes cannot beat this
+//! floor on this machine with this generator; one that lets a socket's frames queue and share a
+//! write can, at the price of that queueing (cochat above its knee: see BENCHMARKS.md).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -199,8 +200,8 @@ pub fn server(argv: &[String]) -> Result<()> {
         let mut stdin = BufReader::new(tokio::io::stdin()).lines();
         while stdin.next_line().await?.is_some_and(|l| l.trim() != "GO") {}
 
-        // Thread t writes to the sockets i with i % SERVER_THREADS == t, as two actix workers
-        // would each own half of the connections.
+        // Task t writes to the sockets i with i % SERVER_THREADS == t (the runtime runs the
+        // tasks on its two threads), as two actix workers would each own half of the connections.
         let shape = Arc::new(shape);
         let mut groups: Vec<Vec<Vec<TcpStream>>> = (0..SERVER_THREADS)
             .map(|_| (0..shape.rooms).map(|_| Vec::new()).collect())
