@@ -248,7 +248,7 @@ pub async fn worker(plan: Arc<Plan>, index: usize, count: usize) -> Result<()> {
     })
     .await?;
     let deadline = Instant::now() + Duration::from_secs_f64(plan.duration_s);
-    let cpu_at_go = cpu_seconds(std::process::id());
+    let cpu_at_go = net::cpu_seconds(std::process::id());
     for (global, spec, ws) in senders {
         tokio::spawn(asker(
             ws,
@@ -262,7 +262,7 @@ pub async fn worker(plan: Arc<Plan>, index: usize, count: usize) -> Result<()> {
     while Instant::now() < deadline && lock(&stats).members_done < connected {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let cpu_s = cpu_seconds(std::process::id()) - cpu_at_go;
+    let cpu_s = net::cpu_seconds(std::process::id()) - cpu_at_go;
     tokio::time::sleep(Duration::from_secs_f64(plan.drain_s)).await;
     let s = lock(&stats);
     let per_delta: Vec<Value> = s
@@ -330,14 +330,15 @@ pub async fn run(args: &Args) -> Result<Value> {
     let ready = w.collect("READY", Duration::from_secs(600)).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_ready = rss_of(&pids);
-    let server_cpu_at_go: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
+    let server_cpu_at_go: f64 = pids.iter().map(|p| net::cpu_seconds(*p)).sum();
     let started = Instant::now();
     w.go().await?;
     let results = w
         .collect("RESULT", Duration::from_secs_f64(timeout + 60.0))
         .await?;
     let wall = started.elapsed().as_secs_f64();
-    let server_cpu_s: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - server_cpu_at_go;
+    let server_cpu_s: f64 =
+        pids.iter().map(|p| net::cpu_seconds(*p)).sum::<f64>() - server_cpu_at_go;
     let generator_cpu_s: f64 = results
         .iter()
         .map(|r| r["cpu_s"].as_f64().unwrap_or(0.0))
@@ -456,25 +457,6 @@ pub async fn run(args: &Args) -> Result<Value> {
             "server_rss_end_bytes": rss_of(&pids),
         }
     }))
-}
-
-/// User + system CPU time of a process so far, in seconds (0 when it cannot be read).
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // After the `(comm)` field: state is field 3, utime 14, stime 15 (clock ticks, 100 per second).
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 #[cfg(test)]

@@ -17,12 +17,12 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{ChildStdin, Command};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
+use crate::child::{wait_for_word, Child};
 use crate::net::{self, now_nanos};
 use crate::stats::Hist;
 use crate::{round3, source_ip, Args};
@@ -88,27 +88,32 @@ impl Shape {
 pub async fn run(args: &Args) -> Result<Value> {
     let shape = Shape::from_args(args)?;
     let workers: usize = args.num("workers", 4)?;
-    let exe = std::env::current_exe()?;
+    // Each step of the protocol is given 10 minutes (20,000 handshakes take well under one).
+    let step = || Instant::now() + Duration::from_secs(600);
 
-    let mut server = Child::spawned(&exe, "__floor-server", shape.to_argv())?;
-    let port = server.expect("PORT").await?;
+    let mut server = Child::spawned("__floor-server".into(), "__floor-server", shape.to_argv())?;
+    let port = server.expect("PORT", step()).await?;
     let addr = format!("127.0.0.1:{}", port.trim());
     let mut readers = Vec::new();
     for index in 0..workers {
         let mut argv = shape.to_argv();
         argv.extend([addr.clone(), index.to_string(), workers.to_string()]);
-        readers.push(Child::spawned(&exe, "__floor-reader", argv)?);
+        readers.push(Child::spawned(
+            format!("floor reader {index}"),
+            "__floor-reader",
+            argv,
+        )?);
     }
     let mut connected = 0;
     for reader in &mut readers {
-        connected += reader.expect("READY").await?.trim().parse::<usize>()?;
+        connected += reader.expect("READY", step()).await?.parse::<usize>()?;
     }
-    server.expect("ACCEPTED").await?;
+    server.expect("ACCEPTED", step()).await?;
 
-    let cpu_before = cpu_ticks(server.pid);
+    let cpu_before = net::cpu_seconds(server.pid);
     server.say("GO").await?;
-    let done: Value = serde_json::from_str(&server.expect("DONE").await?)?;
-    let cpu_after = cpu_ticks(server.pid);
+    let done: Value = serde_json::from_str(&server.expect("DONE", step()).await?)?;
+    let cpu_s = net::cpu_seconds(server.pid) - cpu_before;
     // Frames still in socket buffers reach the readers within the drain.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -117,7 +122,7 @@ pub async fn run(args: &Args) -> Result<Value> {
     let mut delivered = 0;
     for reader in &mut readers {
         reader.say("STOP").await?;
-        let report: Value = serde_json::from_str(&reader.expect("STATS").await?)?;
+        let report: Value = serde_json::from_str(&reader.expect("STATS", step()).await?)?;
         hist.merge_pairs(&report["latency"]);
         delivered += report["delivered"].as_u64().unwrap_or(0);
         for entry in report["per_message"].as_array().into_iter().flatten() {
@@ -139,7 +144,6 @@ pub async fn run(args: &Args) -> Result<Value> {
     let expected: u64 = (0..shape.messages())
         .map(|k| shape.members_of(k as usize % shape.rooms) as u64)
         .sum();
-    let cpu_s = cpu_after.saturating_sub(cpu_before) as f64 / 100.0;
     Ok(json!({
         "target": "floor",
         "params": {
@@ -197,8 +201,7 @@ pub fn server(argv: &[String]) -> Result<()> {
                 .ok_or_else(|| anyhow!("index {index}"))? = Some(ws);
         }
         println!("ACCEPTED");
-        let mut stdin = BufReader::new(tokio::io::stdin()).lines();
-        while stdin.next_line().await?.is_some_and(|l| l.trim() != "GO") {}
+        wait_for_word("GO").await?;
 
         // Task t writes to the sockets i with i % SERVER_THREADS == t (the runtime runs the
         // tasks on its two threads), as two actix workers would each own half of the connections.
@@ -330,8 +333,7 @@ pub fn reader(argv: &[String]) -> Result<()> {
             tokio::spawn(read_frames(ws?, seen.clone()));
         }
         println!("READY {opened}");
-        let mut stdin = BufReader::new(tokio::io::stdin()).lines();
-        while stdin.next_line().await?.is_some_and(|l| l.trim() != "STOP") {}
+        wait_for_word("STOP").await?;
         let seen = seen.lock().map_err(|_| anyhow!("poisoned"))?;
         let per_message: Vec<(u64, u64, u64)> = seen
             .per_message
@@ -368,71 +370,6 @@ async fn read_frames(mut ws: net::Ws, seen: Arc<Mutex<Seen>>) {
             slot.0 += 1;
             slot.1 = slot.1.max(us);
         }
-    }
-}
-
-/// CPU time (user + system, clock ticks) of a process.
-fn cpu_ticks(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let after = stat.rsplit_once(')')?.1;
-            let fields: Vec<&str> = after.split_whitespace().collect();
-            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-        })
-        .unwrap_or(0)
-}
-
-/// A child process of this binary, talked to by lines on stdin and stdout.
-struct Child {
-    _process: tokio::process::Child,
-    pid: u32,
-    stdin: ChildStdin,
-    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
-}
-
-impl Child {
-    fn spawned(exe: &std::path::Path, command: &str, argv: Vec<String>) -> Result<Child> {
-        let mut process = Command::new(exe)
-            .arg(command)
-            .args(argv)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("spawning {command}"))?;
-        let pid = process
-            .id()
-            .ok_or_else(|| anyhow!("{command} has no pid"))?;
-        let stdin = process.stdin.take().ok_or_else(|| anyhow!("stdin"))?;
-        let stdout = process.stdout.take().ok_or_else(|| anyhow!("stdout"))?;
-        Ok(Child {
-            _process: process,
-            pid,
-            stdin,
-            lines: BufReader::new(stdout).lines(),
-        })
-    }
-
-    /// The rest of the first line starting with `tag` (within 10 minutes).
-    async fn expect(&mut self, tag: &str) -> Result<String> {
-        let deadline = Instant::now() + Duration::from_secs(600);
-        loop {
-            let line = tokio::time::timeout_at(deadline.into(), self.lines.next_line())
-                .await
-                .map_err(|_| anyhow!("no {tag} within 10 minutes"))??
-                .ok_or_else(|| anyhow!("child exited before {tag}"))?;
-            if let Some(rest) = line.strip_prefix(tag) {
-                return Ok(rest.trim_start().to_owned());
-            }
-        }
-    }
-
-    async fn say(&mut self, line: &str) -> Result<()> {
-        self.stdin.write_all(format!("{line}\n").as_bytes()).await?;
-        self.stdin.flush().await?;
-        Ok(())
     }
 }
 

@@ -15,6 +15,7 @@
 //! 20,000 open files here.
 
 mod ai;
+mod child;
 mod fakellm;
 mod floor;
 mod net;
@@ -29,8 +30,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use futures_util::{stream, SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -392,14 +391,7 @@ async fn open_and_wait_for_go(
     });
     println!("READY {ready}");
 
-    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
-    loop {
-        match stdin.next_line().await? {
-            Some(line) if line.trim() == "GO" => break,
-            Some(_) => continue,
-            None => bail!("parent went away"),
-        }
-    }
+    child::wait_for_word("GO").await?;
     // Each open sender gets a distinct global index (its message ids and send phase).
     let senders = sender_sockets
         .into_iter()
@@ -614,9 +606,7 @@ async fn send_loop(
 // Parent: worker processes
 
 struct Workers {
-    _children: Vec<Child>,
-    stdins: Vec<ChildStdin>,
-    lines: Vec<tokio::io::Lines<BufReader<ChildStdout>>>,
+    children: Vec<child::Child>,
     _plan_file: TempFile,
 }
 
@@ -635,65 +625,32 @@ impl Workers {
             now_nanos()
         ));
         std::fs::write(&path, serde_json::to_vec(plan)?)?;
-        let exe = std::env::current_exe()?;
-        let mut children = Vec::new();
-        let mut stdins = Vec::new();
-        let mut lines = Vec::new();
-        for i in 0..count {
-            let mut child = tokio::process::Command::new(&exe)
-                .arg("__worker")
-                .arg(&path)
-                .arg(i.to_string())
-                .arg(count.to_string())
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::inherit())
-                .kill_on_drop(true)
-                .spawn()
-                .context("spawning a worker process")?;
-            stdins.push(child.stdin.take().ok_or_else(|| anyhow!("worker stdin"))?);
-            lines.push(
-                BufReader::new(
-                    child
-                        .stdout
-                        .take()
-                        .ok_or_else(|| anyhow!("worker stdout"))?,
-                )
-                .lines(),
-            );
-            children.push(child);
-        }
+        let plan_file = TempFile(path.clone());
+        let children = (0..count)
+            .map(|i| {
+                let argv = vec![path.display().to_string(), i.to_string(), count.to_string()];
+                child::Child::spawned(format!("worker {i}"), "__worker", argv)
+            })
+            .collect::<Result<_>>()?;
         Ok(Workers {
-            _children: children,
-            stdins,
-            lines,
-            _plan_file: TempFile(path),
+            children,
+            _plan_file: plan_file,
         })
     }
 
-    /// The JSON after `TAG ` from every worker.
+    /// The JSON after `TAG ` from every worker, all within `within`.
     async fn collect(&mut self, tag: &str, within: Duration) -> Result<Vec<Value>> {
-        let mut out = Vec::new();
         let deadline = Instant::now() + within;
-        for (i, lines) in self.lines.iter_mut().enumerate() {
-            loop {
-                let line = tokio::time::timeout_at(deadline.into(), lines.next_line())
-                    .await
-                    .map_err(|_| anyhow!("worker {i} did not report {tag} within {within:?}"))??
-                    .ok_or_else(|| anyhow!("worker {i} exited before {tag}"))?;
-                if let Some(rest) = line.strip_prefix(tag).and_then(|r| r.strip_prefix(' ')) {
-                    out.push(serde_json::from_str(rest)?);
-                    break;
-                }
-            }
+        let mut out = Vec::new();
+        for child in &mut self.children {
+            out.push(serde_json::from_str(&child.expect(tag, deadline).await?)?);
         }
         Ok(out)
     }
 
     async fn go(&mut self) -> Result<()> {
-        for stdin in &mut self.stdins {
-            stdin.write_all(b"GO\n").await?;
-            stdin.flush().await?;
+        for child in &mut self.children {
+            child.say("GO").await?;
         }
         Ok(())
     }
